@@ -1,0 +1,19 @@
+# Ablation step 1: T5-Base with rotary position embeddings (RoFormer, Su et al. 2021) in all three
+# attentions instead of the learned relative bias. Same size (~223M: the bias tables were tiny).
+# Pre-training as in the seed: UL2 on 1 epoch of plain TinyStories, effective batch 300.
+out_dir = "out/rot5_base_rope"
+dataset = "tinystories"
+epochs = 1.0
+batch_size = 300        # documents per optimizer step, over all ranks and accumulation steps
+micro_batch_size = 30   # per rank per forward; grad accumulation = batch_size / (micro_batch_size * world_size)
+
+d_model = 768
+n_heads = 12
+head_dim = 64
+n_kv_heads = 12
+d_ff = 3072
+n_encoder_layers = 12
+n_decoder_layers = 12
+position = "rope"
+ffn = "relu"
+tie_embeddings = True
