@@ -1,0 +1,642 @@
+"""TinyStories text -> token arrays on disk, and the readers every other script uses.
+
+The big idea: a split is ONE flat array of uint16 token ids with an eos after every document, plus an
+index of where each document starts. Training code memory-maps the array and slices documents out of it
+in O(1), so a 500M-token corpus costs no RAM and no parsing at train time.
+
+    data/<dataset>/
+        meta.json             tokenizer (name, sha256 of its model file, vocab size, special ids), per-split
+                              counts (documents, tokens, skipped, bad bytes, pairs), source files with sha256.
+                              Written last: a directory without it is unfinished.
+        train.bin             uint16 [doc_0, eos, doc_1, eos, ...]                          (n_tokens + n_docs,)
+        train.idx.npy         int64 start offset of every document, then the end of the array (n_docs + 1,)
+        val.bin, val.idx.npy  the same for the validation split
+        pairs/                instruct datasets only, for fine-tuning (story -> summary):
+            train_story.bin   train_story.idx.npy     story token arrays, same layout as above
+            train_summary.bin train_summary.idx.npy   summary i belongs to story i
+            val_story.bin ... val_summary.idx.npy
+
+    document i = bin[idx[i] : idx[i+1] - 1]      (bin[idx[i+1] - 1] is the eos)
+
+Readers (the public API of this file): load_documents(dir, split) and load_pairs(dir, split) return
+Sequences of np.uint16 arrays without the eos, backed by np.memmap; load_meta(dir) returns meta.json.
+
+Usage:
+    python prepare.py sample               # bundled real sample data/sample/stories.txt -> data/sample/
+    python prepare.py sample_instruct      # 3 real Instruct records data/sample/instruct.txt -> data/sample_instruct/
+    python prepare.py tinystories          # download TinyStories-{train,valid}.txt from the Hugging Face hub
+    python prepare.py tinystories_instruct # download TinyStoriesInstruct-{train,valid}.txt
+    python prepare.py tinystories --train TinyStories-train.txt --val TinyStories-valid.txt   # local files
+    options: --out-dir DIR (default data/<dataset>), --workers N (default: all cores), --tokenizer mistral|gpt2
+
+Details
+- Input format: records separated by `<|endoftext|>` lines (the TinyStories .txt files). Each record is
+  stripped of surrounding whitespace; empty records are skipped and counted. Bytes that are not UTF-8 are
+  decoded as U+FFFD and counted ("bad bytes"), never dropped silently.
+- Instruct records are fields "Summary:", "Story:", "Features:", "Words:", "Random sentence:" at line
+  starts, in any order. Pre-training sees the WHOLE record as unlabeled text (as the seed did, following
+  T5's finding that task data helps as unlabeled data); fine-tuning gets (Story, Summary) pairs. A record
+  without a Story or a Summary is still pre-training text, but is skipped (and counted) for pairs.
+- The sample datasets have no validation file: the last VAL_FRACTION of the records (177 of 3542 stories,
+  1 of the 3 instruct records) become the val split. Deterministic: it depends only on the file.
+- Downloads use huggingface_hub.hf_hub_download, which caches the files (under HF_HOME, by default
+  ~/.cache/huggingface), resumes interrupted downloads, and honours HF_ENDPOINT (mirrors), HF_TOKEN and
+  HF_HUB_OFFLINE by itself; nothing here re-implements that.
+- Tokenizer: tokenizer.get_tokenizer (Mistral SentencePiece by default; `--tokenizer gpt2` uses tiktoken,
+  which downloads its BPE file once into TIKTOKEN_CACHE_DIR and then works offline). Ids are stored as
+  uint16, so a vocabulary over 65,536 ids is refused before anything is written.
+- Speed: the file is streamed in CHUNK_BYTES blocks cut at record boundaries (never loaded whole); a
+  multiprocessing Pool tokenizes blocks in parallel, each worker building its tokenizer once and encoding a
+  whole block of records in one batched SentencePiece call; the parent only writes results, in file order.
+  bench.py times tokenize_file(), the same generator prepare() writes to disk from.
+- Re-running with the same sources (sha256) and tokenizer (sha256 of its model file) prints "up to date"
+  and touches nothing. Every file is written to a temp file in the same directory and os.replace'd into
+  place; meta.json is removed first and written last, so a crash never leaves a meta.json that describes
+  other shards.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import IO, NamedTuple
+
+import numpy as np
+
+from tokenizer import Tokenizer, get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_DIR = os.path.join(HERE, "data", "sample")
+FORMAT = 1  # bump when the on-disk layout changes: older directories then count as out of date
+EOT = b"<|endoftext|>"
+CHUNK_BYTES = 1 << 20  # ~250k tokens per task: big enough to amortise IPC, small enough to balance cores
+MAX_RECORD_BYTES = 1 << 20  # TinyStories records are < 10 kB; a 1 MB "record" means the separators are missing
+VAL_FRACTION = 0.05  # sample datasets only: the tail that becomes the val split
+INSTRUCT_FIELDS = ("Summary", "Story", "Features", "Words", "Random sentence")
+FIELD_RE = re.compile(r"^(" + "|".join(INSTRUCT_FIELDS) + r"):[ \t]*", re.M)
+
+# dataset -> (hub repo, train file, val file, instruct?); "sample*" read the bundled real text instead.
+DATASETS = {
+    "tinystories": ("roneneldan/TinyStories", "TinyStories-train.txt", "TinyStories-valid.txt", False),
+    "tinystories_instruct": ("roneneldan/TinyStoriesInstruct", "TinyStoriesInstruct-train.txt",
+                             "TinyStoriesInstruct-valid.txt", True),
+    "sample": (None, "stories.txt", None, False),
+    "sample_instruct": (None, "instruct.txt", None, True),
+}
+# The seed write-up's token counts (its table "Total Tokens / Num. Entries"), to compare a full run with.
+SEED_COUNTS = {
+    ("tinystories", "train"): (494_907_437, 2_119_719),
+    ("tinystories", "val"): (4_978_396, 21_990),
+    ("tinystories_instruct", "train"): (684_805_492, 2_476_533),
+    ("tinystories_instruct", "val"): (6_903_020, 25_027),
+}
+SPLITS = ("train", "val")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
+
+
+class Documents(Sequence):
+    """Documents of one split: docs[i] -> np.uint16 array (no eos), sliced from a memory-mapped .bin."""
+
+    def __init__(self, bin_path: str, idx_path: str):
+        self.bin_path, self.idx_path = bin_path, idx_path
+        self.offsets = np.load(idx_path)  # (n_docs + 1,) int64: 17 MB for all of TinyStories, so in RAM
+        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")  # (n_tokens + n_docs,)
+        if self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0 \
+                or self.offsets[-1] != len(self.tokens) or np.any(np.diff(self.offsets) < 1):
+            raise ValueError(f"{bin_path} ({len(self.tokens)} tokens) does not match its index {idx_path} "
+                             f"(ends at {self.offsets[-1] if len(self.offsets) else None}): "
+                             "the files are from different runs or truncated; run prepare.py again")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for {n} documents")
+        i = int(i) % n
+        # a read-only view into the memmap (no copy); np.asarray drops the memmap subclass
+        return np.asarray(self.tokens[self.offsets[i]: self.offsets[i + 1] - 1])  # drop the eos
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n_docs,) int64 token count of every document, without its eos."""
+        return np.diff(self.offsets) - 1
+
+    # A memmap pickles as a full in-memory copy; DataLoader workers should re-open the files instead.
+    def __getstate__(self) -> dict:
+        return {"bin_path": self.bin_path, "idx_path": self.idx_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["bin_path"], state["idx_path"])
+
+
+class Pairs(Sequence):
+    """Fine-tuning pairs of one split: pairs[i] -> (story ids, summary ids), np.uint16, no eos."""
+
+    def __init__(self, stories: Documents, summaries: Documents):
+        if len(stories) != len(summaries):
+            raise ValueError(f"{stories.bin_path} has {len(stories)} stories but {summaries.bin_path} has "
+                             f"{len(summaries)} summaries: run prepare.py again")
+        self.stories, self.summaries = stories, summaries
+
+    def __len__(self) -> int:
+        return len(self.stories)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.stories[i], self.summaries[i]
+
+
+def _run_hint(data_dir: str) -> str:
+    name = os.path.basename(os.path.normpath(data_dir))
+    return f"python prepare.py {name}" if name in DATASETS else f"python prepare.py DATASET --out-dir {data_dir}"
+
+
+def load_meta(data_dir: str) -> dict:
+    """meta.json of a prepared directory (see the module docstring), or one clear line if there is none."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{data_dir} has no meta.json (not prepared, or preparation did not finish): "
+                         f"run `{_run_hint(data_dir)}` first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): run `{_run_hint(data_dir)}` again") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is format {meta.get('format')}, this prepare.py reads format {FORMAT}: "
+                         f"run `{_run_hint(data_dir)}` again")
+    return meta
+
+
+def _split_meta(data_dir: str, split: str) -> dict:
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        raise ValueError(f"{data_dir} has no {split} split (no meta.json: not prepared, or preparation did not "
+                         f"finish): run `{_run_hint(data_dir)}` first")
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): "
+                         f"run `{_run_hint(data_dir)}` first")
+    return meta["splits"][split]
+
+
+def _open(data_dir: str, stem: str, n_docs: int, n_tokens: int) -> Documents:
+    bin_path, idx_path = os.path.join(data_dir, stem + ".bin"), os.path.join(data_dir, stem + ".idx.npy")
+    for p in (bin_path, idx_path):
+        if not os.path.exists(p):
+            raise ValueError(f"{p} is missing although meta.json lists it: run `{_run_hint(data_dir)}` again")
+    docs = Documents(bin_path, idx_path)
+    if len(docs) != n_docs or len(docs.tokens) != n_tokens + n_docs:
+        raise ValueError(f"{bin_path} has {len(docs)} documents / {len(docs.tokens)} tokens but meta.json says "
+                         f"{n_docs} / {n_tokens + n_docs} (with eos): run `{_run_hint(data_dir)}` again")
+    return docs
+
+
+def load_documents(data_dir: str, split: str) -> Documents:
+    """All documents (pre-training text) of a split: len(docs), docs[i] -> np.uint16 array without eos."""
+    s = _split_meta(data_dir, split)
+    return _open(data_dir, split, s["documents"], s["tokens"])
+
+
+def load_pairs(data_dir: str, split: str) -> Pairs:
+    """(story, summary) pairs of an instruct split: pairs[i] -> (np.uint16 story, np.uint16 summary), no eos."""
+    s = _split_meta(data_dir, split)
+    if "pairs" not in s:
+        raise ValueError(f"{data_dir} has no (story, summary) pairs: only instruct datasets do; "
+                         "run `python prepare.py sample_instruct` (or tinystories_instruct) and use that directory")
+    p = s["pairs"]
+    pairs_dir = os.path.join(data_dir, "pairs")
+    return Pairs(_open(pairs_dir, f"{split}_story", p["pairs"], p["story_tokens"]),
+                 _open(pairs_dir, f"{split}_summary", p["pairs"], p["summary_tokens"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def iter_chunks(path: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+    """Stream bytes [start, stop) of a file as blocks of whole records (each block ends just after an EOT).
+
+    Streaming keeps memory flat for the 2 GB Instruct file; cutting at separators lets workers tokenize
+    blocks independently. Raises ValueError for an empty range, a file with no separator at all, or a
+    "record" so long that the file cannot be a TinyStories file.
+    """
+    stop = os.path.getsize(path) if stop is None else stop
+    seen_eot, content = False, False
+    carry = b""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < stop:
+            block = f.read(min(CHUNK_BYTES, stop - pos))
+            if not block:
+                break
+            pos += len(block)
+            buf = carry + block
+            cut = buf.rfind(EOT)
+            if cut < 0:
+                carry = buf
+                if len(carry) > MAX_RECORD_BYTES:
+                    raise ValueError(f"{path}: record of {len(carry):,}+ bytes without a `<|endoftext|>` separator "
+                                     "at its end; is this a TinyStories file? (records are separated by "
+                                     "lines `<|endoftext|>`)")
+                continue
+            seen_eot = True
+            cut += len(EOT)
+            content = content or not buf[:cut].replace(EOT, b"").isspace()
+            carry = buf[cut:]
+            yield buf[:cut]
+    if carry.strip():  # a last record without a closing separator is still a record
+        if not seen_eot:
+            raise ValueError(f"{path} has no `<|endoftext|>` separator: is this a TinyStories file? "
+                             "(records must be separated by lines `<|endoftext|>`)")
+        content = True
+        yield carry
+    if not content:
+        raise ValueError(f"{path} is empty (no text in bytes {start}..{stop}): "
+                         "pass a TinyStories .txt file with records separated by `<|endoftext|>` lines")
+
+
+def split_offset(path: str, val_fraction: float) -> int:
+    """Byte offset where the last val_fraction of a file's records (at least 1) start. Streams, like iter_chunks.
+
+    Records are the separator-delimited parts, counted in a first pass; the boundary is found by re-reading
+    only the block that holds it.
+    """
+    counts: list[tuple[int, int]] = []  # (block start, records ending in the block)
+    pos = 0
+    for chunk in iter_chunks(path):
+        counts.append((pos, chunk.count(EOT) + (not chunk.endswith(EOT))))
+        pos += len(chunk)
+    n_records = sum(c for _, c in counts)
+    if n_records < 2:
+        raise ValueError(f"{path} has {n_records} record: a train and a val split need at least 2")
+    k = n_records - max(1, round(val_fraction * n_records))  # records that stay in train
+    for block_start, c in counts:
+        if k <= c:  # the boundary is just after the k-th separator of this block
+            with open(path, "rb") as f:
+                f.seek(block_start)
+                block = f.read(CHUNK_BYTES + MAX_RECORD_BYTES)  # a block is at most one read + the carry
+            at = -len(EOT)
+            for _ in range(k):
+                at = block.index(EOT, at + len(EOT))
+            return block_start + at + len(EOT)
+        k -= c
+    raise AssertionError("unreachable: k < n_records")
+
+
+def parse_instruct(record: str) -> dict[str, str]:
+    """'Summary: ...\\nStory: \\n\\n...' -> {"Summary": "...", "Story": "..."}; fields in any order, values stripped."""
+    parts = FIELD_RE.split(record)  # [text before the first field, name, value, name, value, ...]
+    return {name: value.strip() for name, value in zip(parts[1::2], parts[2::2])}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+class Chunk(NamedTuple):
+    """One tokenized block of records. tokens holds every document followed by eos (file order)."""
+    n_bytes: int            # raw bytes consumed (progress bar)
+    tokens: np.ndarray      # (sum(lengths) + len(lengths),) uint16
+    lengths: np.ndarray     # (n_docs,) int64, without eos
+    skipped: int            # empty records
+    bad_bytes: int          # bytes that were not UTF-8 (decoded as U+FFFD)
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # story tokens, lengths, summary tokens, lengths
+    pairs_skipped: int      # instruct records without a Story or a Summary
+
+
+_bad_bytes = [0]
+
+
+def _replace_counting(err: UnicodeDecodeError) -> tuple[str, int]:
+    _bad_bytes[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("prepare_count", _replace_counting)
+
+
+def _pack(seqs: list[list[int]], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[[ids], ...] -> (uint16 [ids, eos, ids, eos, ...], int64 lengths without eos)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    n = int(lengths.sum())
+    out = np.full(n + len(seqs), eos_id, dtype=np.uint16)
+    is_text = np.ones(len(out), dtype=bool)
+    is_text[np.cumsum(lengths + 1) - 1] = False  # the eos slots
+    # one C-level pass over all ids: ~20 ns/token, vs ~400 ns/token for SentencePiece itself
+    out[is_text] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.uint16, count=n)
+    return out, lengths
+
+
+def tokenize_chunk(chunk: bytes, tok: Tokenizer, instruct: bool = False) -> Chunk:
+    """Tokenize a block of whole records (from iter_chunks) in one batched encode call."""
+    _bad_bytes[0] = 0
+    text = chunk.decode("utf-8", errors="prepare_count")  # valid UTF-8 (nearly always) takes the C fast path
+    bad = _bad_bytes[0]
+    records = [r.strip() for r in text.split(EOT.decode())]
+    docs = [r for r in records if r]
+    skipped = len(records) - len(docs) - (chunk.rstrip().endswith(EOT))  # the split after the last EOT is no record
+    too_long = next((d for d in docs if len(d) > MAX_RECORD_BYTES), None)
+    if too_long is not None:
+        raise ValueError(f"record of {len(too_long.encode()):,} bytes (starts {too_long[:40]!r}); "
+                         "is this a TinyStories file? (records are separated by lines `<|endoftext|>`)")
+    pairs, pairs_skipped, texts = None, 0, docs
+    if instruct:
+        fields = [parse_instruct(d) for d in docs]
+        keep = [f for f in fields if f.get("Story") and f.get("Summary")]
+        pairs_skipped = len(fields) - len(keep)
+        texts = docs + [f["Story"] for f in keep] + [f["Summary"] for f in keep]
+    ids = tok.encode(texts)  # one batched call: the fast path of SentencePiece
+    tokens, lengths = _pack(ids[:len(docs)], tok.eos_id)
+    if instruct:
+        n = (len(ids) - len(docs)) // 2
+        pairs = (*_pack(ids[len(docs):len(docs) + n], tok.eos_id), *_pack(ids[len(docs) + n:], tok.eos_id))
+    return Chunk(len(chunk), tokens, lengths, skipped, bad, pairs, pairs_skipped)
+
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_name: str) -> None:
+    global _worker_tok
+    _worker_tok = get_tokenizer(tokenizer_name)  # once per worker process, not once per chunk
+
+
+def _work(chunk: bytes, instruct: bool) -> Chunk:
+    return tokenize_chunk(chunk, _worker_tok, instruct)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def tokenize_file(path: str, tok: Tokenizer, workers: int = 1, instruct: bool = False,
+                  start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+    """Tokenized Chunks of bytes [start, stop) of a file, in file order. This is what bench.py times:
+        n_tokens = sum(len(c.tokens) for c in tokenize_file(path, tok, workers))   # includes one eos per doc
+    workers > 1 tokenizes in a process Pool (tok must come from get_tokenizer: workers rebuild it by name).
+    """
+    chunks = iter_chunks(path, start, stop)
+    if workers <= 1:
+        for c in chunks:
+            yield tokenize_chunk(c, tok, instruct)
+        return
+    with mp.Pool(workers, initializer=_init_worker, initargs=(tok.name,)) as pool:
+        # Pool.imap would read the whole file ahead into its task queue; a bounded window keeps memory
+        # flat and the results in order, while 2 tasks per worker keep every core busy.
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_work, (c, instruct)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temp file in the same directory (same filesystem), then os.replace it into place."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other written file
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_index(path: str, lengths: list[np.ndarray]) -> None:
+    offsets = np.zeros(sum(map(len, lengths)) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths) + 1, out=offsets[1:])
+    with atomic_write(path) as f:
+        np.save(f, offsets)
+
+
+def write_split(out_dir: str, split: str, path: str, tok: Tokenizer, workers: int, instruct: bool,
+                start: int = 0, stop: int | None = None, desc: str = "") -> dict:
+    """Tokenize one split of one source file into out_dir/{split}.bin + .idx.npy (and pairs/). Returns its counts."""
+    from tqdm import tqdm
+
+    stop = os.path.getsize(path) if stop is None else stop
+    counts = {"documents": 0, "tokens": 0, "skipped": 0, "bad_bytes": 0}
+    lengths: list[np.ndarray] = []
+    pair_lengths: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    pairs_dir = os.path.join(out_dir, "pairs")
+    if instruct:
+        os.makedirs(pairs_dir, exist_ok=True)
+    with atomic_write(os.path.join(out_dir, f"{split}.bin")) as f, \
+            (atomic_write(os.path.join(pairs_dir, f"{split}_story.bin")) if instruct else nullcontext()) as fs, \
+            (atomic_write(os.path.join(pairs_dir, f"{split}_summary.bin")) if instruct else nullcontext()) as fm, \
+            tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
+        pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
+        for c in tokenize_file(path, tok, workers, instruct, start, stop):
+            f.write(c.tokens.tobytes())
+            lengths.append(c.lengths)
+            counts["documents"] += len(c.lengths)
+            counts["tokens"] += int(c.lengths.sum())
+            counts["skipped"] += c.skipped
+            counts["bad_bytes"] += c.bad_bytes
+            if instruct:
+                st, sl, mt, ml = c.pairs
+                fs.write(st.tobytes())
+                fm.write(mt.tobytes())
+                pair_lengths[0].append(sl)
+                pair_lengths[1].append(ml)
+                pairs["pairs"] += len(sl)
+                pairs["story_tokens"] += int(sl.sum())
+                pairs["summary_tokens"] += int(ml.sum())
+                pairs["skipped"] += c.pairs_skipped
+            bar.update(c.n_bytes)
+        if counts["documents"] == 0:  # raising here discards the temp files: no empty split on disk
+            raise ValueError(f"{path} (bytes {start}..{stop}) has no non-empty record: nothing to write for {split}")
+        if instruct and pairs["pairs"] == 0:
+            raise ValueError(f"{path}: none of its {counts['documents']} records has both a Story: and a Summary: "
+                             "field; is this a TinyStories-Instruct file?")
+    _write_index(os.path.join(out_dir, f"{split}.idx.npy"), lengths)
+    if instruct:
+        _write_index(os.path.join(pairs_dir, f"{split}_story.idx.npy"), pair_lengths[0])
+        _write_index(os.path.join(pairs_dir, f"{split}_summary.idx.npy"), pair_lengths[1])
+        counts["pairs"] = pairs
+    return counts
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tok: Tokenizer) -> str:
+    """sha256 of the tokenizer's model file (for tiktoken: of its token byte table), so a changed model rebuilds."""
+    if os.path.isfile(tok.model_file):
+        return sha256_file(tok.model_file)
+    return hashlib.sha256(b"\0".join(tok._bpe.token_byte_values())).hexdigest()
+
+
+def download(repo: str, filename: str) -> str:
+    """Path of a hub file in the local Hugging Face cache (downloaded, or resumed, on first use)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
+    except Exception as e:  # noqa: BLE001 - every hub failure (offline, DNS, 404, auth) gets the same fix
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SystemExit(f"could not download {repo}/{filename} ({type(e).__name__}: {first}); use local files: "
+                         f"`python prepare.py DATASET --train FILE --val FILE`, or the bundled sample: "
+                         f"`python prepare.py sample`") from None
+
+
+def resolve_sources(dataset: str, train: str | None, val: str | None) -> tuple[list[dict], bool]:
+    """[{split, path, start, stop}, ...] and whether the records are Instruct records."""
+    repo, train_name, val_name, instruct = DATASETS[dataset]
+    if repo is None:
+        if train or val:
+            raise ValueError(f"{dataset} always reads data/sample/{train_name}: "
+                             "use --train/--val with tinystories or tinystories_instruct")
+        path = os.path.join(SAMPLE_DIR, train_name)
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing: the bundled sample is part of the repository; restore it with git")
+        boundary = split_offset(path, VAL_FRACTION)
+        return [{"split": "train", "path": path, "start": 0, "stop": boundary},
+                {"split": "val", "path": path, "start": boundary, "stop": os.path.getsize(path)}], instruct
+    if bool(train) != bool(val):
+        raise ValueError("give both --train FILE and --val FILE (or neither, to download from the hub)")
+    if not train:
+        train, val = download(repo, train_name), download(repo, val_name)
+    for p in (train, val):
+        if not os.path.isfile(p):
+            raise ValueError(f"{p} does not exist: pass the path of a TinyStories .txt file")
+    return [{"split": "train", "path": os.path.abspath(train), "start": 0, "stop": os.path.getsize(train)},
+            {"split": "val", "path": os.path.abspath(val), "start": 0, "stop": os.path.getsize(val)}], instruct
+
+
+def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, val: str | None = None,
+            workers: int | None = None, tokenizer: str | Tokenizer = "mistral") -> dict:
+    """Build data/<dataset>/ (see the module docstring); returns its meta. A no-op if it is up to date."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    out_dir = out_dir or os.path.join(HERE, "data", dataset)
+    workers = workers or default_workers()
+    tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    if tok.vocab_size > 1 << 16:  # before any work: uint16 shards would silently wrap larger ids
+        raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size:,} ids but shards store uint16 "
+                         f"(at most 65,536 ids): use a smaller vocabulary")
+    sources, instruct = resolve_sources(dataset, train, val)
+    for s in sources:
+        s["sha256"] = sha256_file(s["path"])  # of the whole file: the sample's two splits share one
+    meta = {
+        "format": FORMAT, "dataset": dataset, "tokenizer": tok.name, "tokenizer_sha256": tokenizer_sha256(tok),
+        "vocab_size": tok.vocab_size, "base_vocab_size": tok.base_vocab_size, "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id, "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]],
+        "dtype": "uint16", "instruct": instruct, "sources": sources,
+    }
+    if _up_to_date(out_dir, meta):
+        print(f"{out_dir} is up to date (same sources and tokenizer); delete its meta.json to rebuild")
+        return load_meta(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # the old meta must not describe the half-written new shards
+    meta["splits"] = {}
+    for s in sources:
+        meta["splits"][s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
+                                                 s["start"], s["stop"], desc=f"{dataset} {s['split']}")
+    with atomic_write(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    print_table(meta)
+    return meta
+
+
+def _load_tokenizer(name: str) -> Tokenizer:
+    try:
+        return get_tokenizer(name)
+    except OSError as e:  # tiktoken fetches its BPE file on first use; offline that is a network error
+        raise ValueError(f"the {name} tokenizer could not load its vocabulary ({type(e).__name__}): tiktoken "
+                         "downloads the GPT-2 BPE file once; run once with network access (or copy a filled "
+                         "TIKTOKEN_CACHE_DIR), or use --tokenizer mistral") from None
+
+
+def _up_to_date(out_dir: str, meta: dict) -> bool:
+    try:
+        old = load_meta(out_dir)
+        for split in SPLITS:  # shards present and consistent with the index and the counts
+            load_documents(out_dir, split)
+            if meta["instruct"]:
+                load_pairs(out_dir, split)
+    except (ValueError, OSError, KeyError):
+        return False
+    key = ("format", "dataset", "tokenizer", "tokenizer_sha256", "vocab_size")
+    same_sources = [(s["split"], s["sha256"], s["start"], s["stop"]) for s in old["sources"]] == \
+                   [(s["split"], s["sha256"], s["start"], s["stop"]) for s in meta["sources"]]
+    return same_sources and all(old.get(k) == meta[k] for k in key)
+
+
+def print_table(meta: dict) -> None:
+    """Token counts per split, next to the seed write-up's numbers where it reported them."""
+    name = meta["dataset"]
+    seed = any((name, s) in SEED_COUNTS for s in meta["splits"])
+    head = f"| {'dataset/split':<28} | {'total tokens':>14} | {'entries':>10} | {'skipped':>7} | {'bad bytes':>9} |"
+    head += f" {'seed tokens':>12} | {'seed entries':>12} |" if seed else ""
+    print(head)
+    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|")
+    for split, c in meta["splits"].items():
+        row = f"| {name + ' ' + split:<28} | {c['tokens']:>14,} | {c['documents']:>10,} | {c['skipped']:>7,} | {c['bad_bytes']:>9,} |"
+        if seed:
+            st, se = SEED_COUNTS.get((name, split), (None, None))
+            row += f" {st:>12,} | {se:>12,} |" if st else f" {'':>12} | {'':>12} |"
+        print(row)
+        if "pairs" in c:
+            p = c["pairs"]
+            print(f"|   {split} pairs: {p['pairs']:,} (story {p['story_tokens']:,} tokens, summary "
+                  f"{p['summary_tokens']:,} tokens), {p['skipped']:,} records without Story or Summary skipped")
+    print(f"(tokens exclude the eos after each entry; tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']:,})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dataset", choices=list(DATASETS))
+    ap.add_argument("--train", help="local train .txt file instead of downloading (tinystories*)")
+    ap.add_argument("--val", help="local validation .txt file (with --train)")
+    ap.add_argument("--out-dir", help="output directory (default: data/DATASET next to this file)")
+    ap.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all cores)")
+    ap.add_argument("--tokenizer", default="mistral", choices=["mistral", "gpt2"])
+    a = ap.parse_args(argv)
+    try:
+        prepare(a.dataset, a.out_dir, a.train, a.val, a.workers, a.tokenizer)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"prepare.py: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
