@@ -1,0 +1,69 @@
+"""nanoGPT-style configuration: a script's defaults, then config files, then --key=value overrides.
+
+    python train.py config/rot5_mini.py --batch_size=640 --compile=True
+
+Each argument that does not start with "--" is a config file of plain Python assignments, exec'd in order;
+each "--key=value" then overrides one key. Every key must already have a default (a typo is an error that
+lists the valid keys, not a silently ignored setting), and every value must have the default's type, so
+`--epochs=two` or `--batch_size=0.5` fail at start-up instead of hours into a run.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import types
+
+
+def configure(defaults: dict, argv: list[str]) -> dict:
+    """defaults (key -> value) updated by the config files and --key=value overrides in argv; returns a new dict."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"cannot parse {arg!r}: write overrides as --key=value (e.g. --batch_size=64)")
+            _check_key(key, defaults, arg)
+            config[key] = _checked(key, _parse(text, defaults[key]), defaults[key], arg)
+        else:
+            for key, value in _read_config_file(arg).items():
+                _check_key(key, defaults, arg)
+                config[key] = _checked(key, value, defaults[key], arg)
+    return config
+
+
+def _read_config_file(path: str) -> dict:
+    """The names a config file assigns. Leading-underscore names, imports and functions are its own helpers."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"config file {path} does not exist: pass a file like config/rot5_mini.py, or --key=value overrides")
+    namespace: dict = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def _parse(text: str, default):
+    """A Python literal (64, 5e-4, True, "x"); for a string key any unparsable or non-string text is the string itself."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return text if isinstance(default, str) and not isinstance(value, str) else value
+
+
+def _check_key(key: str, defaults: dict, source: str) -> None:
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SystemExit(f"unknown config key {key!r} in {source}{hint}; valid keys: {', '.join(sorted(defaults))}")
+
+
+def _checked(key: str, value, default, source: str):
+    # An int where a float is expected is fine (--learning_rate=1 is 1.0); a bool is never an int here.
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if type(value) is not type(default):
+        raise SystemExit(f"config key {key} must be {type(default).__name__} like its default {default!r}, "
+                         f"got {value!r} ({type(value).__name__}) from {source}")
+    return value

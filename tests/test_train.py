@@ -1,0 +1,353 @@
+"""train.py, configurator.py, checkpoint.py on the real bundled sample (data/sample, TinyStories) with a tiny
+model. Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train.py"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
+import train  # noqa: E402
+from model import ROT5, ROT5Config  # noqa: E402
+
+# A tiny RoPE + GQA model and short windows: every run below takes seconds on one CPU core.
+TINY = ["--dataset=sample", "--device=cpu", "--d_model=64", "--n_heads=2", "--head_dim=32", "--n_kv_heads=1",
+        "--d_ff=128", "--n_encoder_layers=2", "--n_decoder_layers=2", "--position=rope", "--encoder_len=128",
+        "--decoder_len=64", "--eval_docs=32", "--eval_batch_size=32", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sample_data():
+    """data/sample/ from the bundled stories (a no-op when prepare.py already made it)."""
+    cwd = os.getcwd()
+    os.chdir(REPO)  # train.py reads data/<dataset> relative to the working directory, as nanoGPT
+    prepare.prepare("sample", workers=1)
+    yield prepare.load_meta(os.path.join(REPO, "data", "sample"))
+    os.chdir(cwd)
+
+
+def steps_arg(meta: dict, steps: int, batch_size: int) -> str:
+    """--epochs giving exactly `steps` optimizer steps of batch_size documents (train.py rounds up)."""
+    return f"--epochs={(steps * batch_size - 0.5) / meta['splits']['train']['documents']!r}"
+
+
+def events(out_dir, kind: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["event"] == kind]
+
+
+def params(out_dir) -> dict[str, torch.Tensor]:
+    return checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+
+
+def assert_same_params(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"parameters differ by up to {worst:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_loss_falls_on_the_sample(tmp_path, sample_data):
+    out = tmp_path / "run"
+    result = train.main(TINY + [f"--out_dir={out}", steps_arg(sample_data, 20, 8), "--batch_size=8",
+                                "--micro_batch_size=8", "--learning_rate=6e-3", "--eval_interval=10"])
+    val = events(out, "eval")
+    assert [e["step"] for e in val] == [0, 10, 20]
+    assert val[0]["val_loss"] > val[1]["val_loss"] > val[2]["val_loss"]
+    assert val[2]["val_loss"] < val[0]["val_loss"] - 1.0, val  # 11.0 -> 9.5 (measured)
+    trained = events(out, "train")
+    assert len(trained) == 20 and trained[-1]["loss"] < trained[0]["loss"] - 1.0 and trained[-1]["lr"] > 0
+    assert all(e["aux_loss"] == 0 and e["z_loss"] == 0 and e["mfu"] is None for e in trained)  # dense, CPU
+    full = events(out, "eval_full")
+    assert full[0]["docs"] == sample_data["splits"]["val"]["documents"]
+    assert result["full_val_loss"] == full[0]["val_loss"]
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["kind"] == "pretrain" and ckpt["step"] == 20 and ckpt["tokenizer"] == "mistral"
+    # tokens: raw document tokens (before corruption), 8 documents of ~210 tokens per step
+    assert ckpt["metrics"]["tokens"] == trained[-1]["tokens"]
+    assert 20 * 8 * 100 < ckpt["metrics"]["tokens"] < 20 * 8 * 400
+
+
+def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
+    """Same global batch, split 2 ranks x 1 micro-step (gloo DDP) or 1 rank x 2 micro-steps: same examples,
+    same dropout, same update."""
+    args = TINY + [steps_arg(sample_data, 3, 8), "--batch_size=8", "--micro_batch_size=4", "--eval_interval=100",
+                   "--learning_rate=3e-3"]
+    train.main(args + [f"--out_dir={tmp_path / 'one'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args, f"--out_dir={tmp_path / 'two'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout + proc.stderr
+    one, two = events(tmp_path / "one", "train"), events(tmp_path / "two", "train")
+    assert [e["tokens"] for e in one] == [e["tokens"] for e in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert_same_params(params(tmp_path / "one"), params(tmp_path / "two"), atol=1e-6)
+    assert events(tmp_path / "one", "eval_full")[0]["val_loss"] == \
+        pytest.approx(events(tmp_path / "two", "eval_full")[0]["val_loss"], abs=1e-5)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_continues_the_same_run(tmp_path, sample_data, monkeypatch):
+    args = TINY + [steps_arg(sample_data, 6, 4), "--batch_size=4", "--micro_batch_size=2", "--eval_interval=3",
+                   "--learning_rate=3e-3"]
+    train.main(args + [f"--out_dir={tmp_path / 'straight'}"])
+
+    # the same run, killed right after its step-3 checkpoint (having logged nothing later), then resumed
+    real_save = train.save_checkpoint
+
+    def save_then_crash(path, obj):
+        real_save(path, obj)
+        if obj["step"] == 3:
+            raise Crash
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(args + [f"--out_dir={tmp_path / 'resumed'}"])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert checkpoint.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 3
+    train.main(args + [f"--out_dir={tmp_path / 'resumed'}", "--resume=True"])
+
+    straight, resumed = events(tmp_path / "straight", "train"), events(tmp_path / "resumed", "train")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]  # no step lost or logged twice
+    assert [(e["loss"], e["tokens"], e["lr"]) for e in straight] == [(e["loss"], e["tokens"], e["lr"]) for e in resumed]
+    assert events(tmp_path / "straight", "eval") == events(tmp_path / "resumed", "eval")
+    assert_same_params(params(tmp_path / "straight"), params(tmp_path / "resumed"), atol=0.0)
+
+
+def test_torchelastic_restart_resumes_by_itself(tmp_path, sample_data, monkeypatch):
+    out = tmp_path / "run"
+    # a token budget: 1500 tokens / (4 documents x ~210 tokens per step) -> 2 steps (max_tokens wins over epochs)
+    args = TINY + ["--max_tokens=1500", "--epochs=5", "--batch_size=4", "--micro_batch_size=4", "--eval_interval=1",
+                   f"--out_dir={out}"]
+    assert train.main(args)["max_steps"] == 2
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun --max-restarts sets after a failure
+    train.main(args)
+    assert events(out, "eval")[-1]["step"] == 2 and len(events(out, "train")) == 2  # nothing redone
+    with pytest.raises(SystemExit, match=r"trained with other model keys \(d_ff\): resume with the config"):
+        train.main(args + ["--d_ff=256"])
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch):
+    """A NaN loss at step 2: no update there, training goes on; max_bad_steps in a row stop the run, and no
+    checkpoint ever holds non-finite weights."""
+    forward = ROT5.forward
+    calls = {"n": 0}
+    poisoned = set()
+
+    def nan_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in poisoned:
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    saved = {}
+    real_save = train.save_checkpoint
+
+    def save_and_keep(path, obj):
+        saved[obj["step"]] = ({k: v.clone() for k, v in obj["model"].items()},
+                             float(obj["optimizer"]["state"][0]["step"]))  # AdamW's step count
+        real_save(path, obj)
+
+    monkeypatch.setattr(ROT5, "forward", nan_forward)
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    args = TINY + [steps_arg(sample_data, 4, 4), "--batch_size=4", "--micro_batch_size=2", "--eval_interval=1"]
+    poisoned.update({3})  # micro-batch 1 of step 2 (2 per step): the step's loss is NaN
+    train.main(args + [f"--out_dir={tmp_path / 'skip'}"])
+    skips = events(tmp_path / "skip", "skip")
+    assert [e["step"] for e in skips] == [2] and math.isnan(skips[0]["loss"])
+    assert [e["step"] for e in events(tmp_path / "skip", "train")] == [1, 3, 4]
+    assert_same_params(saved[2][0], saved[1][0], atol=0.0)   # step 2: no update...
+    assert saved[2][1] == saved[1][1]                         # ...and no AdamW step
+    assert saved[3][1] == saved[1][1] + 1
+    assert all(torch.isfinite(v).all() for v in saved[4][0].values())
+
+    calls["n"] = 0
+    poisoned.clear()
+    poisoned.update(range(3, 100))  # every step from step 2 on
+    saved.clear()
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(up to step 4\).*last good state \(step 3\)"):
+        train.main(args + [f"--out_dir={tmp_path / 'stop'}", "--max_bad_steps=3"])
+    assert sorted(saved) == [1, 2, 3]  # (eval_interval=1) nothing saved at the stop
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "stop" / "ckpt.pt"))
+    assert ckpt["step"] == 3
+    assert_same_params(ckpt["model"], saved[1][0], atol=0.0)  # the weights of the last real update
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer, schedule, Chinchilla
+
+
+def test_lr_schedule_is_hf_linear_with_warmup():
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_linear_schedule_with_warmup
+
+    for total, warmup in [(100, 1), (1000, 10), (7, 0), (3870, 39)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched: LambdaLR = get_linear_schedule_with_warmup(opt, warmup, total)
+        hf = []
+        for _ in range(total):
+            hf.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert [train.lr_factor(s, total, warmup) for s in range(total)] == pytest.approx(hf, abs=1e-12)
+
+
+def test_weight_decay_on_matrices_only():
+    model = ROT5(ROT5Config(d_model=64, n_heads=2, head_dim=32, n_kv_heads=2, d_ff=128, n_encoder_layers=2,
+                            n_decoder_layers=2, position="t5", n_experts=2))
+    decay, no_decay = train.param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert "embed.weight" in decayed and "encoder.layers.0.attn.qkv.weight" in decayed
+    assert "encoder.layers.1.ffn.router.weight" in decayed
+    assert {"encoder.relative_bias.bias.weight", "decoder.relative_bias.bias.weight"} <= kept
+    assert all(n.endswith("norm.weight") or "relative_bias" in n for n in kept)
+
+
+def test_chinchilla_numbers_of_the_seed(capsys):
+    c, n_opt, d_opt = train.chinchilla(1.37e9)  # 2 epochs of TinyStories-Instruct (2 x 684,805,492 tokens)
+    assert c == pytest.approx(3.65e17, rel=0.01)
+    assert n_opt == pytest.approx(48e6, rel=0.01)
+    assert d_opt == pytest.approx(1.37e9, rel=1e-9)  # D_opt(C(D)) = D
+    train.main(["--chinchilla=1.37e9"])
+    assert "N_opt = 48.0M" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration errors: one clear line
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    cfg = tmp_path / "typo.py"
+    cfg.write_text("batch_size = 64\nlerning_rate = 1e-3\n")
+    for argv in ([str(cfg)], ["--lerning_rate=1e-3"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        msg = str(e.value)
+        assert "unknown config key 'lerning_rate'" in msg and "did you mean 'learning_rate'" in msg
+        assert "valid keys:" in msg and "micro_batch_size" in msg and "d_model" in msg and "\n" not in msg
+
+
+def test_values_must_have_the_default_type(tmp_path):
+    with pytest.raises(SystemExit, match="batch_size must be int .* got 0.5"):
+        train.main(["--batch_size=0.5"])
+    with pytest.raises(SystemExit, match="compile must be bool"):
+        train.main(["--compile=1"])
+    with pytest.raises(SystemExit, match="write overrides as --key=value"):
+        train.main(["--compile"])
+    from configurator import configure
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\n_helper = 3\nepochs = 2\nout_dir = 'out/x'\n")
+    got = configure(train.TRAIN_DEFAULTS, [str(cfg), "--learning_rate=1", "--dataset=123", "--out_dir=out/y"])
+    assert got["epochs"] == 2.0 and type(got["epochs"]) is float  # an int is fine for a float key
+    assert got["learning_rate"] == 1.0 and type(got["learning_rate"]) is float
+    assert got["dataset"] == "123" and got["out_dir"] == "out/y"    # later arguments win
+
+
+def test_missing_config_file_and_bad_batch_split():
+    with pytest.raises(SystemExit, match=r"config file config/nope\.py does not exist"):
+        train.main(["config/nope.py"])
+    with pytest.raises(SystemExit, match=r"batch_size=10 must be a multiple of micro_batch_size x processes = 4 x 1"):
+        train.main(["--batch_size=10", "--micro_batch_size=4"])
+
+
+def test_vocab_must_match_the_data(tmp_path):
+    with pytest.raises(SystemExit, match="tokenized with 'mistral' but the model has vocab_size=50304: set --vocab_size=32256"):
+        train.main(TINY + ["--vocab_size=50304", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="n_kv_heads=3 must divide n_heads=2"):  # ROT5Config's check, one line
+        train.main(TINY + ["--n_kv_heads=3"])
+
+
+def test_every_config_preset_parses():
+    from configurator import configure
+    from dataclasses import asdict
+    defaults = {**train.TRAIN_DEFAULTS, **asdict(ROT5Config())}
+    for name in sorted(os.listdir(os.path.join(REPO, "config"))):
+        if name.startswith("finetune"):  # finetune.py's
+            continue
+        cfg = configure(defaults, [os.path.join(REPO, "config", name)])
+        ROT5Config(**{k: cfg[k] for k in asdict(ROT5Config())})  # valid model config
+        assert cfg["batch_size"] % cfg["micro_batch_size"] == 0, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def tiny_checkpoint(step: int) -> dict:
+    cfg = ROT5Config(d_model=64, n_heads=2, head_dim=32, n_kv_heads=1, d_ff=128, n_encoder_layers=1,
+                     n_decoder_layers=1, position="rope")
+    from dataclasses import asdict
+    return {"kind": "pretrain", "model": ROT5(cfg).state_dict(), "model_config": asdict(cfg), "tokenizer": "mistral",
+            "config": {}, "step": step, "optimizer": {}, "rng": checkpoint.random_states(), "metrics": {}}
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, tiny_checkpoint(1))
+    checkpoint.save_checkpoint(path, tiny_checkpoint(2))
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):  # e.g. the disk fills up, or the job is killed mid-write
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, tiny_checkpoint(3))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at .*missing.pt"):
+        checkpoint.load_checkpoint(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        checkpoint.load_checkpoint(str(junk))
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"shared.weight": torch.zeros(2, 2)}, foreign)  # a bare state_dict, e.g. HF's pytorch_model.bin
+    with pytest.raises(SystemExit, match="is not a ROT5 checkpoint: it lacks kind, model, model_config"):
+        checkpoint.load_checkpoint(foreign)
+
+    good = tiny_checkpoint(5)
+    path = str(tmp_path / "ok.pt")
+    checkpoint.save_checkpoint(path, good)
+    model, tok, ckpt = checkpoint.load_model(path)
+    assert not model.training and tok.vocab_size == model.cfg.vocab_size and ckpt["step"] == 5
+    assert_same_params(model.state_dict(), good["model"], atol=0.0)
+
+    newer = dict(good, model_config={**good["model_config"], "attention_sinks": 4})
+    checkpoint.save_checkpoint(path, newer)
+    with pytest.raises(SystemExit, match=r"model_config fields \['attention_sinks'\] that this model.py does not know"):
+        checkpoint.load_model(path)
+    wrong = dict(good, model_config={**good["model_config"], "d_ff": 256})
+    checkpoint.save_checkpoint(path, wrong)
+    with pytest.raises(SystemExit, match="the weights do not fit its model_config"):
+        checkpoint.load_model(path)

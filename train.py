@@ -1,0 +1,428 @@
+"""
+Pre-train ROT5 with the UL2 mixture of denoisers, as the seed write-up did: AdamW at 5e-4, linear warm-up
+over the first 1% of steps then linear decay to 0, weight decay 0.01, bf16, a fixed global batch of
+documents. One file, top-down: config, distributed setup, data, model, optimizer, the loop.
+
+Usage
+    python prepare.py sample && python train.py config/sample_cpu.py        # CPU, bundled sample, minutes
+    OMP_NUM_THREADS=1 python train.py config/sample_cpu.py    # faster on a busy CPU (no threads waiting on each other)
+    python train.py config/rot5_mini.py                                     # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/rot5_mini.py   # one node, 8 GPUs (DDP)
+    # several nodes: the same command on every node; torchrun's c10d rendezvous finds the others
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+             --rdzv_id=rot5_mini train.py config/rot5_mini.py
+    # survive crashes: restarted workers resume from out_dir/ckpt.pt by themselves (several nodes: put
+    # out_dir on a file system they share, as rank 0 alone writes the checkpoint)
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/rot5_mini.py
+    python train.py config/rot5_mini.py --micro_batch_size=32 --compile=True   # override any key
+    python train.py config/rot5_mini.py --resume=True                         # continue out_dir/ckpt.pt
+    python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
+
+Config: the defaults below, then config files, then --key=value (configurator.py: type-checked, unknown
+keys are errors). The model keys are ROT5Config's fields (model.py) with its defaults: T5-Base.
+
+Batches: batch_size documents per optimizer step = micro_batch_size x accumulation x world_size. Every
+micro-batch is a pure function of (seed, g), its global index g = (step * accumulation + micro) * world_size
++ rank: documents [g * micro_batch_size, ...) of the epoch stream and their corruption (ul2.UL2Batches),
+and dropout masks too (torch is seeded per micro-batch). So 1 process x 4 accumulation steps and 4
+processes x 1 step see the same examples and make the same update, and a resumed run (the checkpoint's
+step is its data position) continues the very loss curve of an uninterrupted one.
+
+Outputs in out_dir:
+    ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
+    metrics.jsonl  one JSON object per event, for plots:
+        {"event": "train", "step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm",
+         "tok_per_s", "mfu" (null if the peak is unknown), "expert_load" (MoE: per layer, per expert)}
+        {"event": "eval" | "eval_full", "step", "tokens", "val_loss", "val_aux_loss", "val_z_loss", "docs"}
+        {"event": "skip", "step", "loss", "grad_norm"}      (a non-finite loss or gradient: no update)
+    Losses are means over the steps since the last "train" event; "tokens" counts raw document tokens
+    (before corruption), the unit of the seed's token counts and of `max_tokens`. val_loss is the LM
+    cross-entropy alone, so dense and MoE variants compare; "eval" uses the fixed first eval_docs
+    validation documents with a fixed corruption, "eval_full" (at the end) the whole validation split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import prepare
+from checkpoint import load_checkpoint, random_states, save_checkpoint, set_random_states
+from configurator import configure
+from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
+from tokenizer import get_tokenizer
+from ul2 import UL2Batches
+
+# -----------------------------------------------------------------------------------------------------------
+# default config: the seed's T5-Base run (UL2 on 1 epoch of TinyStories, batch 300); config/*.py change it
+# I/O
+out_dir = "out/pretrain"
+log_interval = 10         # steps between "train" events
+eval_interval = 500       # steps between evaluations on the fixed validation subset (and checkpoints)
+eval_docs = 500           # size of that subset: the first eval_docs validation documents (the seed: 500)
+eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
+                          # so keep it equal across the variants you compare
+resume = False            # continue from out_dir/ckpt.pt (automatic after a torchrun --max-restarts restart)
+# data
+dataset = "tinystories"   # data/<dataset>/ from prepare.py
+mixture = "ul2"           # ul2.mixture(): "ul2" | "t5" | "prefix_lm"
+encoder_len = 512         # longest input (T5's 512); longer documents are cropped to fit (ul2.py)
+decoder_len = 256         # longest target
+# budget: max_tokens > 0 wins over epochs
+epochs = 1.0              # passes over the training documents (fractional is fine)
+max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use epochs)
+# batch
+batch_size = 300          # documents per optimizer step, over all processes and accumulation steps
+micro_batch_size = 30     # documents per forward pass per process
+# optimizer: AdamW with HF Trainer's defaults for the rest, as the seed (transformers 4.36)
+learning_rate = 5e-4      # peak learning rate
+weight_decay = 0.01       # on matrices only (see param_groups)
+beta1 = 0.9
+beta2 = 0.999
+warmup_frac = 0.01        # linear warm-up over this fraction of the steps, then linear decay to 0
+grad_clip = 1.0           # max global gradient norm (0: no clipping)
+max_bad_steps = 5         # stop after this many non-finite steps in a row
+# system
+device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda"
+compile = False           # torch.compile the model (pads batches to fixed shapes to avoid recompiles)
+seed = 0
+peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
+# -----------------------------------------------------------------------------------------------------------
+TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name in order.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("RTX 3090", 71e12), ("RTX 4090", 165e12))
+EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
+ADAM_EPS = 1e-8           # HF Trainer's default
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train with the config from argv (sys.argv[1:] by default); returns the last evaluation."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--chinchilla"):
+        value = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        try:
+            print_chinchilla(float(value))
+        except ValueError:
+            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget, e.g. 1.37e9)") from None
+        return {}
+    model_defaults = asdict(ROT5Config())
+    assert not set(model_defaults) & set(TRAIN_DEFAULTS), "a training key shadows a ROT5Config field"
+    config = configure({**TRAIN_DEFAULTS, **model_defaults}, argv)
+    try:
+        model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
+    except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
+        raise SystemExit(str(e)) from None
+
+    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT after its rendezvous).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = config["device"] if config["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(config, model_cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device) -> dict:
+    cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
+    ddp, master = world > 1, rank == 0
+    say = tqdm.write if master else (lambda *args: None)
+    # bf16 autocast where the GPU has it: no loss scaling needed (fp32's exponent range); fp32 on CPU
+    # (bf16 matmuls are slow and inexact there). TF32 for the matmuls left in fp32 on GPU.
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise SystemExit(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x processes = "
+                         f"{cfg.micro_batch_size} x {world}: change micro_batch_size or the number of processes")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+
+    # -- data -------------------------------------------------------------------------------------------
+    data_dir = os.path.join("data", cfg.dataset)
+    try:
+        meta = prepare.load_meta(data_dir)
+        train_docs, val_docs = prepare.load_documents(data_dir, "train"), prepare.load_documents(data_dir, "val")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    tok = get_tokenizer(meta["tokenizer"])
+    wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
+    wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
+    if wrong:
+        raise SystemExit(f"{data_dir} was tokenized with {tok.name!r} but the model has "
+                         f"{', '.join(f'{k}={getattr(model_cfg, k)}' for k in wrong)}: set "
+                         f"{' '.join(f'--{k}={v}' for k, v in wrong.items())}")
+    doc_lengths = train_docs.lengths                   # (n_docs,) raw tokens per document, for token counts
+    n_train_tokens = meta["splits"]["train"]["tokens"]
+    tokens_per_doc = n_train_tokens / len(train_docs)
+    # A world-size-1 view of the document stream indexed by the global micro-batch index g (see docstring).
+    batches = UL2Batches(train_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.micro_batch_size,
+                         seed=cfg.seed, static_shapes=cfg.compile)
+    # Validation: every rank takes every world-th eval batch; the corruption depends on neither.
+    val_batches = UL2Batches(val_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.eval_batch_size,
+                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile)
+    n_eval = min(cfg.eval_docs, len(val_docs))
+
+    # -- budget: the LR schedule needs the number of steps up front -------------------------------------
+    if cfg.max_tokens > 0:
+        budget = cfg.max_tokens
+        max_steps = math.ceil(cfg.max_tokens / (tokens_per_doc * cfg.batch_size))
+    elif cfg.epochs > 0:
+        budget = cfg.epochs * n_train_tokens
+        max_steps = math.ceil(cfg.epochs * len(train_docs) / cfg.batch_size)
+    else:
+        raise SystemExit(f"no budget: set epochs > 0 (got {cfg.epochs}) or max_tokens > 0 (got {cfg.max_tokens})")
+    warmup_steps = math.ceil(cfg.warmup_frac * max_steps)  # HF Trainer rounds warmup_ratio * steps up too
+
+    # -- model and optimizer ----------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw_model = ROT5(model_cfg).to(device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=model_cfg.n_experts > 0) if ddp else model
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), eps=ADAM_EPS, fused=device.type == "cuda")
+    peak = cfg.peak_flops or device_peak_flops(device)
+
+    # -- resume -----------------------------------------------------------------------------------------
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.exists(ckpt_path)
+    resuming = [cfg.resume or restarted]
+    if ddp:  # rank 0 decides; a rank that cannot see its checkpoint (no shared out_dir) then fails clearly
+        dist.broadcast_object_list(resuming, src=0)
+    start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
+    if resuming[0]:
+        ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
+        if ckpt["kind"] != "pretrain":
+            raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume pre-training from a train.py one")
+        if ckpt["model_config"] != asdict(model_cfg):
+            diff = sorted(k for k, v in asdict(model_cfg).items() if ckpt["model_config"].get(k) != v)
+            raise SystemExit(f"{ckpt_path} was trained with other model keys ({', '.join(diff)}): resume with the "
+                             "config that wrote it, or use a new out_dir")
+        changed = sorted(k for k in ("dataset", "mixture", "encoder_len", "decoder_len", "epochs", "max_tokens",
+                                     "batch_size", "learning_rate", "warmup_frac", "seed") if ckpt["config"].get(k) != config[k])
+        if changed:
+            say(f"warning: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_random_states(ckpt["rng"])
+        start_step, tokens_seen, last_eval = ckpt["step"], ckpt["metrics"]["tokens"], ckpt["metrics"]
+        saved_step = start_step
+        del ckpt
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        # keep the events up to the checkpoint: a crashed run may have logged steps past it
+        events = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step] \
+            if start_step and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(events)
+
+    def log(event: dict) -> None:
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
+        if master:
+            save_checkpoint(ckpt_path, {
+                "kind": "pretrain", "model": raw_model.state_dict(), "model_config": asdict(model_cfg),
+                "tokenizer": tok.name, "config": config, "step": step, "optimizer": optimizer.state_dict(),
+                "rng": random_states(), "metrics": {**last_eval, "tokens": tokens_seen}})
+
+    def evaluate(n_docs: int | None) -> dict:
+        return validation_loss(model, val_batches.eval_batches(n_docs), device, autocast, ddp)
+
+    c, n_opt, _ = chinchilla(budget)
+    say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
+        f"without the embedding) | Chinchilla (Hoffmann et al. 2022) for D = {budget:.3g} tokens: C = {c:.3g} FLOPs, "
+        f"N_opt = {n_opt / 1e6:.3g}M parameters")
+    say(f"data: {data_dir}, {len(train_docs):,} documents, {n_train_tokens:,} tokens | {max_steps:,} steps of "
+        f"{cfg.batch_size} documents = {cfg.micro_batch_size} x {accum} accumulation x {world} processes | "
+        f"warm-up {warmup_steps} steps | {device} {'bf16' if bf16 else 'fp32'}"
+        f"{f' | resuming at step {start_step}' if start_step else ''}")
+
+    if start_step == 0:
+        last_eval = {"step": 0, "tokens": 0, **evaluate(n_eval), "docs": n_eval}
+        log({"event": "eval", **last_eval})
+        say(f"step 0: val_loss {last_eval['val_loss']:.4f}")
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    train_model.train()
+    bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    n_moe = sum(isinstance(m, SwitchFFN) for m in raw_model.modules())
+    # per-step stats: [lm, aux, z, raw document tokens, FLOPs, grad norm, expert load (n_moe x n_experts)...]
+    interval = torch.zeros(6 + n_moe * model_cfg.n_experts, dtype=torch.float64)  # their sums since the last log
+    steps_in_interval, bad_in_a_row, t_log = 0, 0, time.perf_counter()
+    for step in range(start_step, max_steps):
+        lr = cfg.learning_rate * lr_factor(step, max_steps, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        stats = torch.zeros_like(interval, device=device)
+        for micro in range(accum):
+            g = (step * accum + micro) * world + rank
+            # Built here, not prefetched: the corruption is vectorised numpy, ~1% of a GPU step (ul2.py).
+            batch = batches.batch(g)
+            stats[3] += float(doc_lengths[batches.indices(g)].sum())
+            stats[4] += raw_model.train_flops(int(batch.attention_mask.sum()), int((batch.labels != -100).sum()),
+                                              batch.input_ids.shape[1], batch.labels.shape[1])
+            batch = batch.to(device)
+            torch.manual_seed((cfg.seed << 32) + g)  # dropout masks, like the data, depend on (seed, g) only
+            # DDP: all-reduce the gradients only after the last micro-batch (no_sync covers forward+backward)
+            sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
+            with sync:
+                with autocast:
+                    out = train_model(*batch)
+                    loss = out.loss + out.aux_loss + out.z_loss  # the LM loss plus the MoE losses, optimized together
+                (loss / accum).backward()
+            stats[:3] += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach().double()
+            if out.expert_load is not None:
+                stats[6:] += out.expert_load.detach().flatten().double()
+        if ddp:
+            dist.all_reduce(stats)  # (the gradients were all-reduced by DDP during the last backward)
+        stats[:3] /= accum * world
+        stats[6:] /= accum * world
+        stats[5] = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        step_loss, grad_norm = float(stats[:3].sum()), float(stats[5])
+
+        # A non-finite loss or gradient (identical on every rank after the all-reduces): skip the update.
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            log({"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
+            say(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                kept = f"{ckpt_path} holds the last good state (step {saved_step})" if saved_step is not None \
+                    else "no checkpoint was written yet"
+                raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; {kept}. "
+                                 "Lower learning_rate or check the data before resuming")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row = 0
+            interval += stats.cpu()
+            steps_in_interval += 1
+        tokens_seen += int(stats[3])
+        bar.update(1)
+        done = step + 1
+
+        if (done % cfg.log_interval == 0 or done == max_steps) and steps_in_interval:
+            dt = time.perf_counter() - t_log
+            mean = interval / steps_in_interval
+            event = {"event": "train", "step": done, "tokens": tokens_seen, "loss": float(mean[:3].sum()),
+                     "lm_loss": float(mean[0]), "aux_loss": float(mean[1]), "z_loss": float(mean[2]), "lr": lr,
+                     "grad_norm": float(mean[5]), "tok_per_s": float(interval[3]) / dt,
+                     "mfu": float(interval[4]) / dt / (peak * world) if peak else None}
+            load = mean[6:].view(n_moe, -1) if n_moe else None
+            if load is not None:
+                event["expert_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
+            log(event)
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{lr:.2e}")
+            say(f"step {done}: loss {event['loss']:.4f} (lm {event['lm_loss']:.4f} aux {event['aux_loss']:.4f} "
+                f"z {event['z_loss']:.4f}) | lr {lr:.2e} | grad norm {event['grad_norm']:.2f} | "
+                f"{event['tok_per_s']:,.0f} tok/s" + (f" | mfu {event['mfu']:.1%}" if peak else "")
+                # load x n_experts: 1.0 = perfectly balanced; the busiest expert of the worst layer
+                + (f" | max expert load {float(load.max()) * model_cfg.n_experts:.2f}x" if n_moe else ""))
+            interval.zero_()
+            steps_in_interval, t_log = 0, time.perf_counter()
+
+        if done % cfg.eval_interval == 0 or done == max_steps:
+            last_eval = {"step": done, "tokens": tokens_seen, **evaluate(n_eval), "docs": n_eval}
+            log({"event": "eval", **last_eval})
+            say(f"step {done}: val_loss {last_eval['val_loss']:.4f} on {n_eval} documents")
+            if done == max_steps:
+                full = {"step": done, "tokens": tokens_seen, **evaluate(None), "docs": len(val_docs)}
+                log({"event": "eval_full", **full})
+                last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k.startswith("val")}}
+                say(f"final: val_loss {full['val_loss']:.4f} on the full validation split ({len(val_docs):,} documents)")
+            save(done)
+            t_log = time.perf_counter()  # evaluation and saving are not training throughput
+    bar.close()
+    return {**last_eval, "max_steps": max_steps}
+
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int) -> float:
+    """HF get_linear_schedule_with_warmup: step / warmup up to warmup, then linear decay to 0 at max_steps.
+    (As there, the first update has lr 0 when warmup_steps > 0.)"""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def param_groups(model: ROT5, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (linear layers, MoE routers, the token embedding), none on RMSNorm
+    gains or T5's relative-position bias tables (a bias per head and distance bucket, stored as a matrix).
+
+    The token embedding is decayed: with tie_embeddings it is also the output layer, a matrix like any
+    other, and the seed's HF Trainer decayed it too (it exempts only biases and norm weights). Decoupled
+    decay (AdamW) shrinks rows of rare tokens slowly, lr * wd per step, which is negligible over a run."""
+    tables = {id(p) for m in model.modules() if isinstance(m, RelativePositionBias) for p in m.parameters()}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in tables]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches, device: torch.device, autocast, ddp: bool) -> dict:
+    """Token-weighted mean LM loss (and MoE losses) over this rank's eval batches, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # lm * n, aux * n, z * n, n label tokens
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast:
+            out = model(*batch)
+        n = (batch.labels != -100).sum()
+        sums += torch.stack([out.loss * n, out.aux_loss * n, out.z_loss * n, n.float()]).double()
+    if ddp:
+        dist.all_reduce(sums)
+    model.train()
+    lm, aux, z = (sums[:3] / sums[3]).tolist()
+    return {"val_loss": lm, "val_aux_loss": aux, "val_z_loss": z}
+
+
+def device_peak_flops(device: torch.device) -> float:
+    """bf16 dense peak of a known GPU, else 0 (MFU not reported; set peak_flops to report it)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), 0.0)
+
+
+def chinchilla(tokens: float) -> tuple[float, float, float]:
+    """Compute-optimal sizes for a data budget of D tokens (Hoffmann et al. 2022, with the fits the seed uses):
+    D_opt = 0.3 C^0.55 solved for C, then N_opt = 0.6 C^0.45. Returns (C, N_opt, D_opt); D_opt = D."""
+    c = (tokens / 0.3) ** (1 / 0.55)
+    return c, 0.6 * c ** 0.45, 0.3 * c ** 0.55
+
+
+def print_chinchilla(tokens: float) -> None:
+    c, n_opt, d_opt = chinchilla(tokens)
+    print(f"D = {tokens:.3g} tokens -> C = {c:.3g} FLOPs -> N_opt = {n_opt / 1e6:.1f}M parameters "
+          f"(D_opt = {d_opt:.3g} tokens; Hoffmann et al. 2022, N_opt = 0.6 C^0.45, D_opt = 0.3 C^0.55)")
+
+
+if __name__ == "__main__":
+    main()
