@@ -1,0 +1,306 @@
+"""
+Fine-tune a pre-trained ROT5 checkpoint on summarization (story -> summary) and score it with ROUGE-L.
+
+This is the seed's "Summarization Tuning" stage: the pre-trained model reads a TinyStories-Instruct story
+and writes its one- or two-sentence summary. Following the seed, 1M (story, summary) pairs, effective
+batch 32, learning rate 1e-4, and otherwise the pre-training recipe: AdamW (weight decay 0.01), linear
+warm-up over the first 1% of steps then linear decay to 0, gradient clipping at 1, bf16 autocast on CUDA.
+
+Usage:
+    python prepare.py tinystories_instruct              # once: download + tokenize the (story, summary) pairs
+    python finetune.py config/finetune_summary.py       # init_from = "out/rot5_mini/ckpt.pt"
+    python finetune.py config/finetune_summary.py --init_from=out/rot5_base_gqa/ckpt.pt --num_beams=4
+
+    python prepare.py sample && python prepare.py sample_instruct
+    python train.py config/sample_cpu.py                # a small model pre-trained on the bundled sample (CPU)
+    python finetune.py config/finetune_sample_cpu.py    # the bundled 3-record sample, on a CPU in seconds
+
+The bundled sample (data/sample_instruct) holds only 3 real Instruct records (prepare.py puts 2 in train,
+1 in val), so a run on it is an end-to-end exercise of this script, not a score: real numbers need the
+downloaded TinyStories-Instruct. The script says so in its output when it sees such a small dataset.
+
+Encoder input:  [S] "Summarize:" story </s>     (story cut to fit encoder_len; the count of cut stories is reported)
+Decoder labels: summary </s>                    (cut to decoder_len)
+Why this format: every pre-training input began with a UL2 mode token, and UL2 (Tay et al. 2022, sec. 3.1.2)
+switches modes at fine-tuning time by prefixing the downstream task with the paradigm token that fits it.
+Summarization has the shape of S-denoising (prefix LM): the whole input is visible and the target is
+free text generated left to right, with no sentinels, so [S]. The short T5-style task prefix (Raffel et al.
+2020, sec. 2.4) follows the mode token so a summarize input never looks like a plain story to continue:
+the same checkpoint can still be asked (by sample.py) to continue a story, and other tasks can be added later.
+
+Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
+metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
+and predictions.jsonl (story, reference, prediction of the last evaluation).
+ROUGE-L is the rouge-score package's F-measure x 100 (stemming on), averaged over validation pairs; the
+lead-1 baseline (the story's first sentence as its summary) is reported beside it for context.
+Single process (the fine-tuning set is small next to pre-training); config keys as in train.py:
+`python finetune.py [config file] [--key=value ...]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+
+import prepare
+from checkpoint import load_model, random_states, save_checkpoint
+from configurator import configure
+from tokenizer import Tokenizer
+from train import ADAM_EPS, lr_factor, param_groups
+
+# -----------------------------------------------------------------------------
+# defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
+DEFAULTS: dict = dict(
+    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint
+    out_dir="out/rot5_mini_summary",
+    dataset="tinystories_instruct",     # data/<dataset>/ from `python prepare.py <dataset>`
+    train_pairs=1_000_000,              # use the first N training pairs (the seed: 1M); 0 = all
+    epochs=1.0,
+    batch_size=32,                      # pairs per optimizer step
+    micro_batch_size=32,                # pairs per forward; gradient accumulation = batch_size / micro_batch_size
+    learning_rate=1e-4,
+    weight_decay=0.01,
+    warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
+    grad_clip=1.0,
+    dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
+    encoder_len=512,                    # longer stories are cut (and counted)
+    decoder_len=128,                    # summary tokens incl. eos; also the generation budget
+    eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
+    eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
+    eval_batch_size=64,
+    num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
+    log_interval=50,
+    seed=1337,
+    device="auto",                      # "auto": cuda if available, else cpu
+)
+TASK_PREFIX = "Summarize:"
+SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline exercise, not a measurement
+
+
+def main(argv: list[str]) -> dict:
+    cfg = configure(DEFAULTS, argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # bf16 autocast on CUDA as in pre-training; fp32 on CPU, where bf16 matmuls are slow and inexact.
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    torch.manual_seed(cfg["seed"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+
+    model, tok, init_ckpt = load_model(cfg["init_from"], device)
+    set_dropout(model, cfg["dropout"])
+    data_dir = os.path.join("data", cfg["dataset"])  # as train.py: relative to the working directory
+    try:
+        train_pairs, val_pairs = prepare.load_pairs(data_dir, "train"), prepare.load_pairs(data_dir, "val")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
+    n_val = min(cfg["eval_pairs"], len(val_pairs))
+    if cfg["batch_size"] % cfg["micro_batch_size"]:
+        raise SystemExit(f"batch_size={cfg['batch_size']} is not a multiple of micro_batch_size={cfg['micro_batch_size']}: "
+                         "change one of them")
+    accum = cfg["batch_size"] // cfg["micro_batch_size"]  # gradient accumulation steps
+    if min(cfg["eval_interval"], cfg["log_interval"], cfg["eval_pairs"], cfg["eval_batch_size"]) < 1:
+        raise SystemExit("eval_interval, log_interval, eval_pairs and eval_batch_size must be >= 1")
+    steps = max(1, math.ceil(cfg["epochs"] * n_train / cfg["batch_size"]))
+    warmup = math.ceil(cfg["warmup_frac"] * steps)  # HF Trainer rounds warmup_ratio * steps up, as train.py
+    print(f"fine-tuning {cfg['init_from']} ({init_ckpt.get('kind', '?')}, step {init_ckpt.get('step', '?')}, "
+          f"{model.num_params() / 1e6:.1f}M params) on {n_train:,} pairs of {data_dir} for {steps:,} steps "
+          f"(batch {cfg['batch_size']} = {cfg['micro_batch_size']} x {accum} accumulation), {n_val} validation pairs")
+    if len(train_pairs) < SMALL_DATASET:
+        print(f"NOTE: {data_dir} has only {len(train_pairs)} training and {len(val_pairs)} validation pairs: this run "
+              "exercises the pipeline end to end; its loss and ROUGE-L are not a real score. "
+              "Real scores need `python prepare.py tinystories_instruct`.")
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["learning_rate"],
+                                  betas=(0.9, 0.999), eps=ADAM_EPS, fused=device_type == "cuda")  # HF defaults, as train.py
+    # Training order: a fresh permutation of the first n_train pairs per epoch, fixed by the seed.
+    rng = np.random.default_rng(cfg["seed"])
+    order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
+
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    open(metrics_path, "w").close()  # one run per out_dir: start the log afresh
+    truncated = 0  # training stories cut to encoder_len so far
+    since_log = {"loss": 0.0, "tokens": 0, "steps": 0}
+    last_eval: dict = {}
+    model.train()
+    for step in range(steps + 1):  # step = optimizer updates done so far
+        # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
+        if step % cfg["eval_interval"] == 0 or step == steps:
+            metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
+            last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
+            log(metrics_path, last_eval)
+            write_predictions(os.path.join(cfg["out_dir"], "predictions.jsonl"), rows)
+            print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
+                  f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
+                  f"{last_eval['val_truncated']} stories cut to encoder_len={cfg['encoder_len']}")
+            save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {
+                "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+                "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
+                "rng": random_states(), "metrics": last_eval})
+            t_log = time.perf_counter()  # evaluation and saving are not training throughput
+        if step == steps:
+            break
+
+        lr = cfg["learning_rate"] * lr_factor(step, steps, warmup)  # pre-training's schedule (HF linear)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = order[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]  # (<= batch_size,) pair indices
+        micro_batches = [idx[i:i + cfg["micro_batch_size"]] for i in range(0, len(idx), cfg["micro_batch_size"])]
+        for micro_idx in micro_batches:  # fewer than accum only on the last step of a fractional epoch
+            batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"])
+            truncated += cut
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                out = model(**batch)
+                loss = out.loss + out.aux_loss + out.z_loss  # plus the MoE balancing / z-losses (0 if dense)
+            (loss / len(micro_batches)).backward()
+            since_log["loss"] += out.loss.item() / len(micro_batches)
+            since_log["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        since_log["steps"] += 1
+
+        if (step + 1) % cfg["log_interval"] == 0 or step + 1 == steps:
+            dt = time.perf_counter() - t_log
+            event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / since_log["steps"], "lr": lr,
+                     "grad_norm": float(grad_norm), "tok_per_s": since_log["tokens"] / dt, "train_truncated": truncated}
+            log(metrics_path, event)
+            print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s")
+            since_log, t_log = {"loss": 0.0, "tokens": 0, "steps": 0}, time.perf_counter()
+
+    print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
+          f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "
+          f"wrote {cfg['out_dir']}/ckpt.pt, metrics.jsonl, predictions.jsonl")
+    return last_eval
+
+
+# -----------------------------------------------------------------------------
+# the summarization format, shared with sample.py
+
+def summarize_input(story: Sequence[int], tok: Tokenizer, encoder_len: int) -> tuple[list[int], bool]:
+    """[S] Summarize: <story> </s> -> (ids, whether the story was cut to fit encoder_len)."""
+    prefix = [tok.mode_ids["S"]] + tok.encode(TASK_PREFIX)
+    room = encoder_len - len(prefix) - 1
+    if room < 1:
+        raise ValueError(f"encoder_len={encoder_len} leaves no room for a story after the {len(prefix) + 1} "
+                         "format tokens: raise encoder_len")
+    story = [int(i) for i in story]
+    return prefix + story[:room] + [tok.eos_id], len(story) > room
+
+
+def collate(pairs: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer, encoder_len: int,
+            decoder_len: int) -> tuple[dict[str, torch.Tensor], int]:
+    """(story, summary) pairs -> model inputs padded to the longest in the batch, and the number of cut stories."""
+    inputs, cuts = zip(*(summarize_input(story, tok, encoder_len) for story, _ in pairs))
+    targets = [[int(i) for i in summary[:decoder_len - 1]] + [tok.eos_id] for _, summary in pairs]
+    B, Te, Td = len(pairs), max(map(len, inputs)), max(map(len, targets))
+    input_ids = torch.full((B, Te), tok.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, Te), dtype=torch.long)
+    labels = torch.full((B, Td), -100, dtype=torch.long)
+    for b, (x, y) in enumerate(zip(inputs, targets)):
+        input_ids[b, :len(x)] = torch.tensor(x)
+        attention_mask[b, :len(x)] = 1
+        labels[b, :len(y)] = torch.tensor(y)
+    # teacher forcing: the decoder reads the labels shifted right, starting from pad (the T5 start token)
+    decoder_input_ids = torch.full((B, Td), tok.pad_id, dtype=torch.long)
+    decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, tok.pad_id)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, labels=labels)
+    return batch, sum(cuts)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: validation loss, generated summaries, ROUGE-L and the lead-1 baseline
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int, cfg: dict, device: str,
+             autocast) -> tuple[dict, list[dict]]:
+    """Token-weighted val loss and ROUGE-L of generated summaries over the first n validation pairs, and those rows."""
+    model.eval()
+    loss_sum, n_labels, cut, rows = 0.0, 0, 0, []  # rows: {story, reference, prediction} per pair
+    bs = cfg["eval_batch_size"]
+    for start in range(0, n, bs):
+        pairs = [val_pairs[i] for i in range(start, min(start + bs, n))]
+        batch, c = collate(pairs, tok, cfg["encoder_len"], cfg["decoder_len"])
+        cut += c
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            out = model(**batch)
+            generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=cfg["decoder_len"], num_beams=cfg["num_beams"],
+                                       eos_token_id=tok.eos_id)
+        k = int((batch["labels"] != -100).sum())
+        loss_sum, n_labels = loss_sum + out.loss.item() * k, n_labels + k
+        for (story, summary), ids in zip(pairs, generated.tolist()):
+            rows.append({"story": tok.decode(story), "reference": tok.decode(summary),
+                         "prediction": tok.decode(until_eos(ids, tok.eos_id))})
+    model.train()
+    refs = [r["reference"] for r in rows]
+    metrics = {"val_loss": loss_sum / max(n_labels, 1),
+               "rougeL": rouge_l([r["prediction"] for r in rows], refs),
+               "lead1_rougeL": rouge_l([lead_sentence(r["story"]) for r in rows], refs),
+               "num_beams": cfg["num_beams"], "n_eval": len(rows), "val_truncated": cut}
+    return metrics, rows
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure x 100 (Lin 2004; the rouge-score package with Porter stemming, as the seed's HF setup)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+# a sentence ends at . ! or ?, maybe followed by closing quotes, then whitespace; a line break ends one too
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’]*(?=\s)|\n")
+
+
+def lead_sentence(story: str) -> str:
+    """The lead-1 baseline: the story's first sentence, as its summary (See et al. 2017's lead-3, for one-line summaries)."""
+    story = story.strip()
+    m = SENTENCE_END.search(story)
+    return story if m is None else story[:m.end()].strip()
+
+
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Fine-tuning's dropout, whatever pre-training used: attention reads the (shared) config, the rest are modules."""
+    if not 0.0 <= p < 1.0:
+        raise SystemExit(f"dropout={p} must be in [0, 1)")
+    model.cfg.dropout = p
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def log(path: str, event: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,227 @@
+"""
+Generate text with a ROT5 checkpoint (pre-trained or fine-tuned): continue a story, fill gaps, or summarize.
+
+Usage:
+    python sample.py --ckpt out/rot5_mini/ckpt.pt --prompt "Once upon a time, there was a little cherry tree."
+    python sample.py --ckpt out/rot5_mini/ckpt.pt --mode fill \\
+        --prompt "One day, a little fish named Fin <extra_id_0> near the shore. He saw a big <extra_id_1>."
+    python sample.py --ckpt out/rot5_mini_summary/ckpt.pt --mode summarize --prompt-file stories.txt --num-beams 4
+    echo "Once upon a time" | python sample.py --prompt - --do-sample --temperature 0.8 --top-p 0.9 --seed 7
+
+Modes and the encoder input each one builds (the formats the model was trained on):
+    continue   [S] prompt </s>           S-denoising (prefix LM) as ul2.py builds it; the decoder writes what follows
+    fill       [R] prompt </s>           the prompt marks gaps with <extra_id_0>, <extra_id_1>, ...; the decoder writes
+               ([X] with --denoiser X)   "<extra_id_0> span <extra_id_1> span ...", which is spliced back into the text
+    summarize  [S] Summarize: story </s> the fine-tuning format of finetune.py (summarize_input)
+The default mode is summarize for a fine-tuned checkpoint and continue for a pre-trained one; any mode runs
+on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly forgotten how).
+
+Decoding: greedy by default; --do-sample with --temperature / --top-k / --top-p (and --seed); or beam search
+with --num-beams N. Prompts come from --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per
+line, or separated by <|endoftext|> lines when the text holds any; they are generated --batch-size at a time.
+An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
+config has none) is an error, not silently cut.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import load_model
+from finetune import summarize_input, until_eos
+from tokenizer import Tokenizer
+
+DEFAULT_ENCODER_LEN = 512  # T5's pre-training input length, for checkpoints whose config does not say
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    check_args(args)
+    prompts = read_prompts(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {device}, but this PyTorch sees no CUDA GPU: use --device cpu")
+    except RuntimeError:
+        raise SystemExit(f"error: --device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    try:
+        model, tok, ckpt = load_model(args.ckpt, device)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:  # one line, no traceback
+        raise SystemExit(f"error: cannot load {args.ckpt!r} as a ROT5 checkpoint: {first_line(e)}") from None
+    kind = ckpt.get("kind", "pretrain")
+    mode = args.mode or ("summarize" if kind == "finetune" else "continue")
+    if mode == "summarize" and kind != "finetune":
+        print(f"warning: {args.ckpt} is a {kind} checkpoint, not fine-tuned to summarize; expect a story, "
+              "not a summary", file=sys.stderr)
+    if args.denoiser and mode != "fill":
+        raise SystemExit(f"error: --denoiser picks the mode token of --mode fill; this is --mode {mode}")
+    encoder_len = int(ckpt.get("config", {}).get("encoder_len", DEFAULT_ENCODER_LEN))
+    inputs = [build_input(mode, p, k, tok, encoder_len, args.denoiser or "R") for k, p in enumerate(prompts)]
+
+    torch.manual_seed(args.seed)
+    device_type = torch.device(device).type
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    outputs: list[str] = []
+    n_generated, seconds = 0, 0.0
+    for start in range(0, len(inputs), args.batch_size):
+        batch = inputs[start:start + args.batch_size]
+        # right-pad to the longest input; the attention mask hides the pad from the encoder and cross-attention
+        T = max(map(len, batch))
+        input_ids = torch.tensor([x + [tok.pad_id] * (T - len(x)) for x in batch], device=device)
+        attention_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in batch], device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast:
+            generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+                                       num_beams=args.num_beams, do_sample=args.do_sample,
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       eos_token_id=tok.eos_id)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        for x, ids in zip(batch, generated.tolist()):
+            text_ids = until_eos(ids, tok.eos_id)
+            n_generated += len(text_ids) + (len(text_ids) < len(ids))  # + the eos, when one was generated
+            outputs.append(render(mode, x, text_ids, tok))
+
+    print(("\n" + "-" * 40 + "\n").join(outputs))
+    print(f"{mode}: {len(outputs)} prompt(s), {n_generated} tokens in {seconds:.2f}s "
+          f"({n_generated / max(seconds, 1e-9):,.1f} tokens/s) on {device}", file=sys.stderr)
+    return outputs
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.")
+    p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt", help="a checkpoint from train.py or finetune.py")
+    p.add_argument("--mode", choices=["continue", "fill", "summarize"],
+                   help="default: summarize for a fine-tuned checkpoint, else continue")
+    p.add_argument("--denoiser", choices=["R", "X"],
+                   help="fill mode's mode token: R (default; short gaps, T5 span corruption) or X (long gaps / many of them)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); '-' reads prompts from stdin")
+    p.add_argument("--prompt-file", help="prompts, one per line or separated by <|endoftext|> lines")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= p (nucleus)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that would silently do something else than asked."""
+    sampling_knobs = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
+    if sampling_knobs and not args.do_sample:
+        raise SystemExit(f"error: {', '.join(sampling_knobs)} apply only when sampling: add --do-sample")
+    if args.do_sample and args.num_beams > 1:
+        raise SystemExit("error: --do-sample and --num-beams > 1 do not combine: beam search is deterministic; pick one")
+    if args.prompt and args.prompt_file:
+        raise SystemExit("error: give prompts with --prompt or --prompt-file, not both")
+    if not args.prompt and not args.prompt_file:
+        raise SystemExit("error: no prompt: pass --prompt TEXT, --prompt - (stdin) or --prompt-file FILE")
+    if args.temperature is not None and args.temperature <= 0:
+        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}); for greedy decoding drop --do-sample")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"error: --top-k must be >= 1 (got {args.top_k})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SystemExit(f"error: --top-p must be in (0, 1] (got {args.top_p})")
+    for name in ("max_new_tokens", "num_beams", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.temperature is None:
+        args.temperature = 1.0
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return split_prompts(f.read(), args.prompt_file)
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
+    prompts: list[str] = []
+    for p in args.prompt:
+        prompts += split_prompts(sys.stdin.read(), "stdin") if p == "-" else [p]
+    if any(not p.strip() for p in prompts):
+        raise SystemExit("error: an empty --prompt: give it some text")
+    return prompts
+
+
+def split_prompts(text: str, source: str) -> list[str]:
+    """<|endoftext|>-separated records when the text has any (like data/sample/stories.txt), else one per line."""
+    parts = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.splitlines()
+    prompts = [p.strip() for p in parts if p.strip()]
+    if not prompts:
+        raise SystemExit(f"error: {source} holds no prompt")
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# the encoder inputs of each mode, and how the generated ids become text
+
+def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int, denoiser: str) -> list[int]:
+    if mode == "fill":
+        try:
+            body = tok.encode(prompt, allow_sentinels=True)
+        except ValueError as e:
+            raise SystemExit(f"error: prompt {k + 1}: {e}") from None
+        if not set(body) & set(tok.sentinel_ids):
+            raise SystemExit(f"error: prompt {k + 1} has no gap: mark each with <extra_id_0>, <extra_id_1>, ... "
+                             "(or use --mode continue)")
+        ids = [tok.mode_ids[denoiser]] + body + [tok.eos_id]
+    elif mode == "continue":
+        ids = [tok.mode_ids["S"]] + tok.encode(prompt) + [tok.eos_id]
+    else:
+        ids, cut = summarize_input(tok.encode(prompt), tok, encoder_len)
+        if cut:  # the story did not fit: measure how far over it is
+            ids = summarize_input(tok.encode(prompt), tok, 1 << 30)[0]
+    if len(ids) > encoder_len:
+        raise SystemExit(f"error: prompt {k + 1} is {len(ids)} tokens with the {mode} format tokens, over this "
+                         f"checkpoint's encoder_len={encoder_len}: shorten it")
+    return ids
+
+
+def render(mode: str, inputs: list[int], generated: list[int], tok: Tokenizer) -> str:
+    if mode == "continue":  # the prompt, then what the decoder wrote after it (drop [S] and eos)
+        return tok.decode(inputs[1:-1] + generated)
+    if mode == "fill":
+        return tok.decode(fill_gaps(inputs[1:-1], generated, tok))
+    return tok.decode(generated)
+
+
+def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer) -> list[int]:
+    """Splice "<extra_id_0> span0 <extra_id_1> span1 ..." into the body's gaps (the inverse of span corruption,
+    T5 sec. 3.1.4). On a well-formed answer this is ul2.reconstruct (the tests check they agree); unlike it, a
+    malformed answer is no error: a gap the model left out stays visible as its sentinel, extra spans are
+    dropped, so a half-trained model's answer still prints."""
+    sentinels = set(tok.sentinel_ids)
+    spans: dict[int, list[int]] = {}
+    current: int | None = None
+    for i in generated:
+        if i in sentinels:
+            current = i
+            spans.setdefault(i, [])
+        elif current is not None:
+            spans[current].append(i)
+    out: list[int] = []
+    for i in body:
+        out += spans.get(i, [i]) if i in sentinels else [i]
+    return out
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    main()

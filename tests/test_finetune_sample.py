@@ -1,0 +1,236 @@
+"""finetune.py and sample.py on the bundled real data: a tiny UL2 pre-train (train.py) -> fine-tuning on the
+real TinyStories-Instruct records -> generated summaries scored with ROUGE-L; the summarization format;
+the lead-1 baseline against rouge-score; sample.py's three modes and its one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer, tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import finetune  # noqa: E402
+import prepare  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+import ul2  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from model import ROT5, ROT5Config  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
+
+TINY_MODEL = ["--d_model=64", "--n_heads=4", "--head_dim=16", "--n_kv_heads=2", "--d_ff=128",
+              "--n_encoder_layers=2", "--n_decoder_layers=2", "--position=rope"]
+ENCODER_LEN = 128  # the tiny pre-train's encoder_len: sample.py refuses longer inputs for its checkpoint
+
+
+def instruct_records() -> list[dict[str, str]]:
+    """The 3 real records of data/sample/instruct.txt as {"Summary": ..., "Story": ..., ...}."""
+    with open(os.path.join(ROOT, "data", "sample", "instruct.txt"), encoding="utf-8") as f:
+        return [prepare.parse_instruct(r.strip()) for r in f.read().split("<|endoftext|>") if r.strip()]
+
+
+def real_stories(n: int) -> list[str]:
+    with open(os.path.join(ROOT, "data", "sample", "stories.txt"), encoding="utf-8") as f:
+        return [s.strip() for s in f.read().split("<|endoftext|>")[:n]]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """tmp/data/{sample,sample_instruct} prepared; a 3-step pre-train; the sample fine-tuning config run on it."""
+    work = tmp_path_factory.mktemp("finetune")
+    cwd = os.getcwd()
+    os.chdir(work)  # train.py and finetune.py read data/<dataset> relative to the working directory
+    try:
+        for name in ("sample", "sample_instruct"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                prepare.prepare(name, out_dir=os.path.join("data", name), workers=1)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            train.main(["--dataset=sample", "--out_dir=pre", *TINY_MODEL, f"--encoder_len={ENCODER_LEN}",
+                        "--decoder_len=64", "--batch_size=8", "--micro_batch_size=8", "--max_tokens=4000",
+                        "--eval_docs=8", "--eval_batch_size=8", "--log_interval=1", "--device=cpu"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            final = finetune.main([os.path.join(ROOT, "config", "finetune_sample_cpu.py"), "--init_from=pre/ckpt.pt",
+                                   "--out_dir=ft", f"--encoder_len={ENCODER_LEN}"])
+        yield {"dir": work, "final": final, "stdout": out.getvalue(),
+               "pre": str(work / "pre" / "ckpt.pt"), "ft": str(work / "ft" / "ckpt.pt")}
+    finally:
+        os.chdir(cwd)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# finetune.py end to end
+
+def test_finetune_writes_rouge_predictions_and_checkpoint(run):
+    events = read_jsonl(run["dir"] / "ft" / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    trains = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in evals] == [0, 5, 10] and [e["step"] for e in trains] == list(range(1, 11))
+    for e in evals:
+        assert 0.0 <= e["rougeL"] <= 100.0 and 0.0 < e["lead1_rougeL"] <= 100.0 and e["n_eval"] == 1
+    assert trains[-1]["loss"] < trains[0]["loss"] - 0.5  # 10 steps on 2 pairs at lr 1e-3 must fit them a bit
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # both training stories (361 and 342 tokens) are cut to encoder_len=128, once per epoch
+    assert trains[-1]["train_truncated"] == 2 * 10 and evals[-1]["val_truncated"] == 1
+
+    # predictions: the held-out real record (prepare.py puts the last of the 3 in val), verbatim references
+    rows = read_jsonl(run["dir"] / "ft" / "predictions.jsonl")
+    held_out = instruct_records()[-1]
+    assert len(rows) == 1 and set(rows[0]) == {"story", "reference", "prediction"}
+    assert rows[0]["reference"] == held_out["Summary"] and rows[0]["story"] == held_out["Story"]
+    assert evals[-1]["rougeL"] == pytest.approx(finetune.rouge_l([rows[0]["prediction"]], [held_out["Summary"]]))
+    assert run["final"]["rougeL"] == evals[-1]["rougeL"]
+    assert "NOTE:" in run["stdout"] and "not a real score" in run["stdout"]
+
+    model, tok, ckpt = load_model(run["ft"], "cpu")
+    assert ckpt["kind"] == "finetune" and ckpt["step"] == 10 and ckpt["config"]["init_from"] == "pre/ckpt.pt"
+    assert ckpt["metrics"]["rougeL"] == evals[-1]["rougeL"] and model.cfg.dropout == 0.1
+    pre, _, _ = load_model(run["pre"], "cpu")
+    assert not torch.equal(model.embed.weight, pre.embed.weight)  # the fine-tuned weights were saved
+
+
+def test_lead1_baseline_is_rouge_score_on_the_first_sentence():
+    record = instruct_records()[0]  # "Sara and Ben were playing in the park. They liked to climb ..."
+    lead = finetune.lead_sentence(record["Story"])
+    assert lead == "Sara and Ben were playing in the park."
+    direct = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(record["Summary"], lead)["rougeL"]
+    assert finetune.rouge_l([lead], [record["Summary"]]) == pytest.approx(100 * direct.fmeasure)
+    # by hand: the summary opens with the lead's 8 words, so LCS = 8: precision 1, recall 8 / |summary|
+    n = len(tokenize.tokenize(record["Summary"], None))
+    assert finetune.rouge_l([lead], [record["Summary"]]) == pytest.approx(100 * 2 * (8 / n) / (1 + 8 / n))
+    # a mean over pairs: a perfect pair (100) and a pair with no word in common (0)
+    assert finetune.rouge_l([record["Summary"], "xyzzy"], [record["Summary"], record["Summary"]]) == pytest.approx(50.0)
+
+
+def test_lead_sentence_on_real_story_openings():
+    stories = [r["Story"] for r in instruct_records()]
+    assert [finetune.lead_sentence(s) for s in stories[1:]] == ["Lily liked to ride her bike.",
+                                                               "Tom and Anna are brother and sister."]
+    # a sentence ending in a closing quote keeps it
+    assert finetune.lead_sentence('"Mom, I found this needle." Her mom smiled.') == '"Mom, I found this needle."'
+
+
+def test_summarize_format_and_collate_on_real_pairs():
+    tok = get_tokenizer()
+    records = instruct_records()
+    pairs = [(np.array(tok.encode(r["Story"]), np.uint16), np.array(tok.encode(r["Summary"]), np.uint16)) for r in records]
+    ids, cut = finetune.summarize_input(pairs[0][0], tok, 512)
+    assert not cut and tok.decode(ids) == "[S] Summarize: " + records[0]["Story"]
+    assert ids[0] == tok.mode_ids["S"] and ids[-1] == tok.eos_id
+
+    batch, n_cut = finetune.collate(pairs, tok, encoder_len=100, decoder_len=40)
+    assert n_cut == 3 and batch["input_ids"].shape == (3, 100)  # every story is > 100 tokens: all cut to fit
+    assert (batch["input_ids"][:, -1] == tok.eos_id).all() and batch["attention_mask"].all()
+    # labels = summary + eos (cut to 40), -100 after; the longest is the 47-token summary cut to 39 + eos
+    for (_, summary), labels in zip(pairs, batch["labels"].tolist()):
+        want = [int(i) for i in summary[:39]] + [tok.eos_id]
+        assert labels[:len(want)] == want and set(labels[len(want):]) <= {-100}
+    # decoder inputs: the labels shifted right behind the start token, exactly as the model builds them
+    model = ROT5(ROT5Config(d_model=8, n_heads=1, head_dim=8, n_kv_heads=1, d_ff=8, n_encoder_layers=1, n_decoder_layers=1))
+    assert torch.equal(batch["decoder_input_ids"], model.shift_right(batch["labels"]))
+
+
+def test_fill_gaps_inverts_ul2_span_corruption_on_real_stories():
+    tok = get_tokenizer()
+    rng = np.random.default_rng(0)
+    for text in real_stories(20):
+        doc = np.array(tok.encode(text))
+        for denoiser in (d for d in ul2.MIXTURE if d.mode != "S"):
+            inputs, targets = ul2.corrupt(doc, denoiser, rng, tok)
+            filled = sample.fill_gaps(inputs[1:-1].tolist(), targets[:-1].tolist(), tok)
+            assert filled == ul2.reconstruct(inputs, targets, tok).tolist() == doc.tolist()
+    # a malformed answer (the model skipped gap 1): the other gaps are filled, gap 1 stays visible
+    body = tok.encode("One day, a little girl named <extra_id_0> found a <extra_id_1> in her room.", allow_sentinels=True)
+    answer = [tok.sentinel_ids[0]] + tok.encode("Lily")
+    assert tok.decode(sample.fill_gaps(body, answer, tok)) == "One day, a little girl named Lily found a<extra_id_1> in her room."
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+def sample_main(argv: list[str], capsys) -> tuple[list[str], str]:
+    outputs = sample.main(argv)
+    return outputs, capsys.readouterr().out
+
+
+def test_sample_continue_batched_like_one_by_one(run, capsys, tmp_path):
+    openings = [s.split(".")[0] + "." for s in real_stories(3)]  # "One day, a little girl named Lily found a needle in her room."
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n<|endoftext|>\n".join(openings), encoding="utf-8")
+    args = ["--ckpt", run["pre"], "--max-new-tokens", "6", "--device", "cpu"]
+    batched, stdout = sample_main(args + ["--prompt-file", str(prompt_file), "--batch-size", "3"], capsys)
+    assert len(batched) == 3 and all(out.startswith(p) for out, p in zip(batched, openings))
+    assert all(out in stdout for out in batched)
+    # padding in a batch must not change greedy outputs
+    one_by_one = [sample_main(args + ["--prompt", p], capsys)[0][0] for p in openings]
+    assert batched == one_by_one
+
+
+def test_sample_sampling_is_seeded_and_beam_search_runs(run, capsys, monkeypatch):
+    args = ["--ckpt", run["pre"], "--max-new-tokens", "6", "--prompt", real_stories(1)[0][:60]]
+    a = sample_main(args + ["--do-sample", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", "3"], capsys)[0]
+    b = sample_main(args + ["--do-sample", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", "3"], capsys)[0]
+    assert a == b
+    beams = sample_main(args + ["--num-beams", "3"], capsys)[0]
+    assert len(beams) == 1 and beams[0].startswith(real_stories(1)[0][:60])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tom and Anna are brother and sister.\nLily liked to ride her bike.\n"))
+    assert len(sample_main(["--ckpt", run["pre"], "--max-new-tokens", "3", "--prompt", "-"], capsys)[0]) == 2
+
+
+def test_sample_fill_and_summarize(run, capsys):
+    prompt = "One day, a little girl named Lily <extra_id_0> in her room. She knew it was <extra_id_1> to play with it."
+    (filled,), stdout = sample_main(["--ckpt", run["pre"], "--mode", "fill", "--max-new-tokens", "8", "--prompt", prompt], capsys)
+    assert filled.startswith("One day, a little girl named Lily") and filled.endswith("to play with it.")
+    assert "[R]" not in filled and filled in stdout
+    # a fine-tuned checkpoint summarizes by default, from finetune.py's input format
+    story = instruct_records()[-1]["Story"].split("\n")[0]  # its first paragraph fits encoder_len=128
+    (summary,), stdout = sample_main(["--ckpt", run["ft"], "--max-new-tokens", "8", "--prompt", story], capsys)
+    assert summary in stdout and "[S]" not in summary and not summary.startswith("Summarize")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x", "--top-p", "0.9"], "--top-p apply only when sampling: add --do-sample"),
+    (["--prompt", "x", "--do-sample", "--num-beams", "2"], "do not combine"),
+    (["--prompt", "x", "--prompt-file", "f.txt"], "not both"),
+    ([], "no prompt"),
+    (["--prompt", "x", "--do-sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["--prompt", "Lily found a needle.", "--mode", "fill"], "has no gap"),
+    (["--prompt", "Lily found a <extra_id_300>.", "--mode", "fill"], "<extra_id_300> does not exist"),
+    (["--prompt", "LONG"], "over this checkpoint's encoder_len=128"),
+    (["--prompt", "x", "--denoiser", "X"], "--denoiser picks the mode token of --mode fill"),
+    (["--prompt", "x", "--device", "gpu0"], "is not a device"),
+])
+def test_sample_errors_are_one_line(run, argv, message):
+    argv = [(" ".join(real_stories(3)) if a == "LONG" else a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", run["pre"], *argv])
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+    for path, message in [(tmp_path / "missing.pt", "no checkpoint at"),
+                          (os.path.join(ROOT, "data", "sample", "SOURCES.md"), "is not a readable checkpoint")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(path), "--prompt", "Once upon a time"])
+        assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_sample_cli_missing_checkpoint_exits_with_one_line(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "nope.pt"),
+                        "--prompt", "Once upon a time"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0 and "no checkpoint at" in p.stderr and "Traceback" not in p.stderr
