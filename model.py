@@ -20,6 +20,12 @@ Map of the classes (top-down):
         DecoderBlock     RMSNorm -> DecoderSelfAttention (causal, KV cache) ; RMSNorm -> CrossAttention ;
                          RMSNorm -> FFN | SwitchFFN
       KVCache            one preallocated tensor for decoder self-attention + encoder K/V computed once
+                         (once per prompt: the beams of a prompt share it)
+      Packed             where the real tokens of a padded batch are: the stacks skip padding, attention
+                         alone works on padded (B, T) rows
+
+Speed (BENCHMARKS.md): everything but attention runs on real tokens only; generation encodes once, projects
+the cross-attention K/V once per prompt, and writes one position per step into a preallocated cache.
 
 Details that matter for exactness:
 - Attention is softmax(q k^T + bias) v with NO 1/sqrt(head_dim): T5 folds that factor into the init of the
@@ -189,14 +195,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     """softmax(q k^T + mask) v with T5's scale = 1. q: (B, H, Tq, Dh); k, v: (B, Hkv, Tk, Dh), Hkv divides H;
     query head h reads K/V head h // (H / Hkv) (GQA, Ainslie et al. 2023). mask: additive float (bias and
     -inf-like entries) or bool (True = attend), broadcastable to (B, H, Tq, Tk). Returns (B, Tq, H*Dh)."""
-    groups = q.shape[1] // k.shape[1]
+    B, H, Tq, Dh = q.shape
+    groups = H // k.shape[1]
     if groups > 1 and mask is not None:
-        # SDPA's enable_gqa is exact, but with a mask CUDA falls back to the slow math kernel: expand instead
-        k = k[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
-        v = v[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+        if mask.shape[1] == 1 and mask.shape[2] == 1 and not is_causal:
+            # one mask row for all heads and queries (padding only): the `groups` query heads that share a
+            # K/V head are just more queries of it, (B, H, Tq, Dh) -> (B, Hkv, groups * Tq, Dh); no K/V copy
+            q = q.reshape(B, H // groups, groups * Tq, Dh)
+        else:  # SDPA's enable_gqa is exact, but with a mask CUDA falls back to the slow math kernel: expand
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                       scale=1.0, enable_gqa=groups > 1 and mask is None)
-    return y.transpose(1, 2).flatten(2)
+                                       scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+    return y.reshape(B, H, Tq, Dh).transpose(1, 2).flatten(2)
 
 
 def split_qkv(qkv: Tensor, cfg: ROT5Config) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,6 +225,29 @@ def mask_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+class Packed(NamedTuple):
+    """Where the real tokens of a padded (B, T) batch are. Everything in a block but attention works token by
+    token, so the stacks can carry the (N, d) real tokens alone and skip the padding (about half of a UL2
+    batch); each attention puts them back into (B, T) rows around SDPA (`pad`) and takes them out after."""
+    index: Tensor   # (N,) flat positions b * T + t of the real tokens, in order
+    B: int
+    T: int
+
+    @staticmethod
+    def of(keep: Tensor) -> Packed | None:
+        """keep: (B, T) bool, True at the tokens to keep. None when nothing would be skipped."""
+        index = keep.flatten().nonzero().squeeze(1)
+        return None if len(index) == keep.numel() else Packed(index, *keep.shape)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(N, C) -> (B, T, C), zeros at padding."""
+        return x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.index, x).view(self.B, self.T, -1)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x.flatten(0, 1)[self.index]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The three attentions. Deliberately three small modules rather than one with modes: they differ in
 # masking (padding / causal / padding), in positions (both sides from one sequence vs. decoder query and
@@ -229,11 +263,15 @@ class EncoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        q, k, v = split_qkv(self.qkv(x), self.cfg)
+    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
+                packed: Packed | None = None) -> Tensor:
+        """x: (B, T, d), or the (N, d) real tokens of a batch that `packed` describes (output alike)."""
+        qkv = self.qkv(x)
+        q, k, v = split_qkv(qkv if packed is None else packed.pad(qkv), self.cfg)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attend(q, k, v, mask, False, self.cfg.dropout if self.training else 0.0))
+        y = attend(q, k, v, mask, False, self.cfg.dropout if self.training else 0.0)
+        return self.o(y if packed is None else packed.unpad(y))
 
 
 class DecoderSelfAttention(nn.Module):
@@ -247,15 +285,18 @@ class DecoderSelfAttention(nn.Module):
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
-                cache: Tensor | None, start: int) -> Tensor:
-        q, k, v = split_qkv(self.qkv(x), self.cfg)
+                cache: Tensor | None, start: int, packed: Packed | None = None) -> Tensor:
+        """x: (B, T, d), or (N, d) real tokens with `packed` (training only: never with a cache)."""
+        qkv = self.qkv(x)
+        q, k, v = split_qkv(qkv if packed is None else packed.pad(qkv), self.cfg)
         if rope is not None:  # keys are cached already rotated: their absolute position never changes
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # cache: (2, B, Hkv, max_len, Dh), this layer's slice of KVCache.self_kv
             end = start + x.shape[1]
             cache[0, :, :, start:end], cache[1, :, :, start:end] = k, v
             k, v = cache[0, :, :, :end], cache[1, :, :, :end]
-        return self.o(attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0))
+        y = attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0)
+        return self.o(y if packed is None else packed.unpad(y))
 
 
 class CrossAttention(nn.Module):
@@ -271,20 +312,33 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        """enc: (B, S, d_model) -> (2, B, Hkv, S, Dh), keys rotated with encoder positions."""
-        B, S, _ = enc.shape
-        k, v = self.kv(enc).view(B, S, 2, self.cfg.n_kv_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, packed: Packed | None = None) -> Tensor:
+        """enc: (B, S, d_model), or (N, d_model) real tokens with `packed` -> (2, B, Hkv, S, Dh), keys rotated
+        with encoder positions."""
+        kv = self.kv(enc)
+        kv = kv if packed is None else packed.pad(kv)
+        B, S, _ = kv.shape
+        k, v = kv.view(B, S, 2, self.cfg.n_kv_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             k = apply_rope(k, *rope)
         return torch.stack([k, v])
 
-    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 2)
+    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
+                packed: Packed | None = None) -> Tensor:
+        """x: (B, T, d), or (N, d) real tokens with `packed`; kv: (2, B', Hkv, S, Dh) from project_kv, where B'
+        may be B / K in beam search: the K beams of a prompt (rows b*K .. b*K+K-1) share one copy."""
+        q = self.q(x)
+        q = q if packed is None else packed.pad(q)
+        B, T, _ = q.shape
+        q = q.view(B, T, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
-        return self.o(attend(q, kv[0], kv[1], mask, False, self.cfg.dropout if self.training else 0.0))
+        prompts = kv.shape[1]
+        if prompts != B:  # beams of one prompt = more queries of that prompt: (B, H, T, Dh) -> (B', H, K T, Dh)
+            q = q.view(prompts, B // prompts, *q.shape[1:]).transpose(1, 2).flatten(2, 3)
+        y = attend(q, kv[0], kv[1], mask, False, self.cfg.dropout if self.training else 0.0)
+        y = y.reshape(B, T, -1)  # (B', K T, H Dh) -> (B, T, H Dh); a no-op without beams
+        return self.o(y if packed is None else packed.unpad(y))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,11 +379,11 @@ class SwitchFFN(nn.Module):
         self.experts = nn.ModuleList(FFN(cfg) for _ in range(cfg.n_experts))
 
     def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, MoEStats]:
-        """x: (B, T, d); token_mask: (B, T) bool, False for pad tokens (routed, but left out of the router
-        statistics) or None."""
-        cfg, (B, T, d) = self.cfg, x.shape
+        """x: (B, T, d) or (N, d); token_mask: x's shape without d, bool, False for pad tokens (routed, but left
+        out of the router statistics) or None."""
+        cfg, shape = self.cfg, x.shape
         E, k = cfg.n_experts, cfg.moe_top_k
-        x = x.reshape(B * T, d)
+        x = x.reshape(-1, shape[-1])
         # router in fp32: bf16 logits make the softmax and z-loss unstable (Switch sec. 2.4)
         logits = F.linear(x.float(), self.router.weight.float())          # (N, E)
         probs = logits.softmax(dim=-1)
@@ -346,7 +400,7 @@ class SwitchFFN(nn.Module):
                 y.index_add_(0, tok, (e(x.index_select(0, tok)) * g[:, None]).to(y.dtype))
 
         # router statistics over real tokens only: weight w = 0 at padding
-        w = torch.ones(B * T, device=x.device) if token_mask is None else token_mask.reshape(-1).float()
+        w = torch.ones(len(x), device=x.device) if token_mask is None else token_mask.reshape(-1).float()
         n = w.sum().clamp(min=1.0)
         load = (F.one_hot(expert, E).sum(1).float() * w[:, None]).sum(0) / (n * k)  # f_i (E,), sums to 1
         aux = z = logits.new_zeros(())
@@ -354,7 +408,7 @@ class SwitchFFN(nn.Module):
             aux = cfg.aux_loss_coef * E * (load * (probs * w[:, None]).sum(0) / n).sum()
         if cfg.z_loss_coef:    # ST-MoE eq. 5: beta * mean over tokens of logsumexp(router logits)^2
             z = cfg.z_loss_coef * (torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / n
-        return y.reshape(B, T, d), MoEStats(aux, z, load)
+        return y.reshape(shape), MoEStats(aux, z, load)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,8 +424,8 @@ class EncoderBlock(nn.Module):
         self.moe, self.dropout = moe, nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                token_mask: Tensor | None, stats: list[MoEStats]) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope))
+                token_mask: Tensor | None, stats: list[MoEStats], packed: Packed | None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, packed))
         return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
 
 
@@ -386,9 +440,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, self_mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
                 cache: Tensor | None, start: int, cross_kv: Tensor, cross_mask: Tensor | None,
-                token_mask: Tensor | None, stats: list[MoEStats]) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.self_norm(x), self_mask, is_causal, rope, cache, start))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_mask, rope))
+                token_mask: Tensor | None, stats: list[MoEStats], packed: Packed | None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.self_norm(x), self_mask, is_causal, rope, cache, start, packed))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_mask, rope, packed))
         return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
 
 
@@ -408,13 +462,18 @@ class KVCache:
     step; cross_kv holds the encoder keys/values of every decoder layer, computed once per sequence.
     K/V keep n_kv_heads heads: GQA's memory saving is exactly here."""
     self_kv: Tensor   # (n_decoder_layers, 2, B, n_kv_heads, max_len, head_dim)
-    cross_kv: Tensor  # (n_decoder_layers, 2, B, n_kv_heads, S, head_dim)
+    cross_kv: Tensor  # (n_decoder_layers, 2, B or B / beams, n_kv_heads, S, head_dim)
     length: int = 0   # decoder positions filled = position of the next decoder token
+    spare: Tensor | None = None  # beam search: the buffer `reorder` gathers into
 
     def reorder(self, index: Tensor) -> None:
-        """beam search: row b of the cache becomes row index[b] (beams of one prompt share cross_kv)."""
-        n = self.length
-        self.self_kv[:, :, :, :, :n] = self.self_kv[:, :, :, :, :n].index_select(2, index)
+        """beam search: row b of the cache becomes row index[b] (beams of one prompt share cross_kv).
+        Gathers into a spare buffer and swaps the two: no allocation and no copy back per step (3-4x
+        faster on the CPU than an in-place gather of the filled positions)."""
+        if self.spare is None:
+            self.spare = torch.empty_like(self.self_kv)
+        torch.index_select(self.self_kv, 2, index, out=self.spare)
+        self.self_kv, self.spare = self.spare, self.self_kv
 
 
 class Encoder(nn.Module):
@@ -426,9 +485,11 @@ class Encoder(nn.Module):
                                     for i in range(cfg.n_encoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None, stats: list[MoEStats]) -> Tensor:
-        """x: (B, S, d) embedded input; attention_mask: (B, S) bool, False at padding, or None."""
-        S = x.shape[1]
+    def forward(self, x: Tensor, attention_mask: Tensor | None, stats: list[MoEStats],
+                packed: Packed | None = None) -> Tensor:
+        """x: (B, S, d) embedded input, or its (N, d) real tokens with `packed` (output alike);
+        attention_mask: (B, S) bool, False at padding, or None."""
+        S = x.shape[1] if packed is None else packed.T
         pos = torch.arange(S, device=x.device)
         pad = None if attention_mask is None else attention_mask[:, None, None, :]  # (B, 1, 1, S)
         rope = None
@@ -440,8 +501,9 @@ class Encoder(nn.Module):
         else:
             mask, rope = pad, rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.dropout(x)
+        token_mask = attention_mask if packed is None else None  # packed: all real
         for layer in self.layers:
-            x = layer(x, mask, rope, attention_mask, stats)
+            x = layer(x, mask, rope, token_mask, stats, packed)
         return self.dropout(self.norm(x))
 
 
@@ -465,10 +527,13 @@ class Decoder(nn.Module):
         return torch.stack([layer.cross_attn.project_kv(enc, rope) for layer in self.layers])
 
     def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, token_mask: Tensor | None,
-                stats: list[MoEStats], cache: KVCache | None = None) -> Tensor:
-        """x: (B, T, d) embedded decoder input at positions cache.length + [0, T) (0 without a cache);
-        enc: (B, S, d) encoder output (unused when the cache holds its K/V); enc_mask: (B, S) bool or None."""
-        T, dev = x.shape[1], x.device
+                stats: list[MoEStats], cache: KVCache | None = None, packed: Packed | None = None,
+                enc_packed: Packed | None = None) -> Tensor:
+        """x: (B, T, d) embedded decoder input at positions cache.length + [0, T) (0 without a cache), or its
+        (N, d) real tokens with `packed` (output alike); enc: (B, S, d) encoder output, or (N_enc, d) with
+        `enc_packed` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
+        shape without d, False at tokens the router statistics skip, or None."""
+        T, dev = (x.shape[1] if packed is None else packed.T), x.device
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.self_kv.shape[4]:
             raise ValueError(f"KV cache holds {cache.self_kv.shape[4]} positions, decoding needs {start + T}")
@@ -484,12 +549,12 @@ class Decoder(nn.Module):
             self_mask = None if is_causal or T == 1 else ~future
         cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
         if cache is None:
-            enc_rope = self.encoder_rope(enc.shape[1], dev)
+            enc_rope = self.encoder_rope(enc.shape[1] if enc_packed is None else enc_packed.T, dev)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
-            kv = layer.cross_attn.project_kv(enc, enc_rope) if cache is None else cache.cross_kv[i]
+            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_packed) if cache is None else cache.cross_kv[i]
             x = layer(x, self_mask, is_causal, rope, None if cache is None else cache.self_kv[i], start,
-                      kv, cross_mask, token_mask, stats)
+                      kv, cross_mask, token_mask, stats, packed)
         if cache is not None:
             cache.length += T
         return self.dropout(self.norm(x))
@@ -555,18 +620,29 @@ class ROT5(nn.Module):
                              "must have the same shape")
 
         stats: list[MoEStats] = []
-        enc = self.encoder(self.embed(input_ids), attention_mask, stats)
+        # Skip padding (Packed): the encoder never attends to it, and the decoder (causal) never attends to
+        # positions after a row's last label. torch.compile wants fixed shapes: it keeps the padded layout.
+        pack = not torch.compiler.is_compiling()
+        enc_packed = Packed.of(attention_mask) if pack and attention_mask is not None else None
+        enc = self.encoder(self.embed(input_ids if enc_packed is None else enc_packed.unpad(input_ids)),
+                           attention_mask, stats, enc_packed)
+        dec_packed = None
         if labels is not None:
             dec_tokens = labels != -100
+            up_to_last_label = dec_tokens.flip(1).cumsum(1).flip(1) > 0
+            dec_packed = Packed.of(up_to_last_label) if pack else None
         else:  # decoder pads: pad ids after the start token, which is a pad id too
             dec_tokens = decoder_input_ids != self.cfg.pad_token_id
             dec_tokens[:, 0] = True
-        h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats)
+        if dec_packed is not None:
+            decoder_input_ids, dec_tokens = dec_packed.unpad(decoder_input_ids), dec_packed.unpad(dec_tokens)
+        h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_packed,
+                         enc_packed)
 
         loss = logits = None
         if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model
             logits_sel = self.lm_logits(h[dec_tokens])
-            loss = F.cross_entropy(logits_sel.float(), labels[dec_tokens])
+            loss = F.cross_entropy(logits_sel.float(), labels[labels != -100])
         else:
             logits = self.lm_logits(h)
         zero = h.new_zeros((), dtype=torch.float32)
@@ -586,14 +662,20 @@ class ROT5(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, S) ids -> (B, S, d_model) encoder output (MoE statistics are dropped)."""
-        attention_mask = self._check_inputs(input_ids, attention_mask)
-        return self.encoder(self.embed(input_ids), attention_mask, [])
+        return self._encode(input_ids, self._check_inputs(input_ids, attention_mask))
 
-    def new_cache(self, enc: Tensor, max_len: int) -> KVCache:
-        """KV cache for decoding up to max_len positions against encoder output enc (B, S, d)."""
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        packed = None if attention_mask is None else Packed.of(attention_mask)  # skip the padding, as forward
+        if packed is None:
+            return self.encoder(self.embed(input_ids), attention_mask, [])
+        return packed.pad(self.encoder(self.embed(packed.unpad(input_ids)), attention_mask, [], packed))
+
+    def new_cache(self, enc: Tensor, max_len: int, beams: int = 1) -> KVCache:
+        """KV cache for decoding up to max_len positions against encoder output enc (B, S, d), for B * beams
+        sequences (rows b*beams .. b*beams+beams-1 decode against prompt b; they share its cross K/V)."""
         cross = self.decoder.cross_kv(enc)
         L, _, B, Hkv, _, Dh = cross.shape
-        return KVCache(cross.new_zeros(L, 2, B, Hkv, max_len, Dh), cross)
+        return KVCache(cross.new_zeros(L, 2, B * beams, Hkv, max_len, Dh), cross)
 
     def decode_step(self, decoder_input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> Tensor:
         """Feed (B, T) decoder tokens at positions cache.length.. (T = 1 when generating); returns their
@@ -645,7 +727,7 @@ class ROT5(nn.Module):
         if num_beams > 1 and do_sample:
             raise ValueError("beam search is deterministic here: use num_beams=1 with do_sample=True")
         attention_mask = self._check_inputs(input_ids, attention_mask)
-        enc = self.encoder(self.embed(input_ids), attention_mask, [])
+        enc = self._encode(input_ids, attention_mask)
         if num_beams > 1:
             return self._beam_search(enc, attention_mask, max_new_tokens, num_beams, eos)
 
@@ -681,9 +763,7 @@ class ROT5(nn.Module):
           current length, cannot beat the worst of them; the search stops when every prompt has."""
         B = enc.shape[0]
         V, pad, dev, NEG = self.cfg.vocab_size, self.cfg.pad_token_id, enc.device, -1.0e9
-        enc = enc.repeat_interleave(K, dim=0)  # rows b*K .. b*K+K-1 are the beams of prompt b
-        mask = None if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)
-        cache = self.new_cache(enc, max_new_tokens)
+        cache = self.new_cache(enc, max_new_tokens, beams=K)  # rows b*K .. b*K+K-1 are the beams of prompt b
 
         seqs = torch.full((B, K, max_new_tokens), pad, dtype=torch.long, device=dev)   # running beams
         scores = torch.zeros(B, K, device=dev)
@@ -696,7 +776,8 @@ class ROT5(nn.Module):
         offsets = torch.arange(B, device=dev)[:, None] * K
         tok = torch.full((B * K, 1), pad, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
-            logp = self.decode_step(tok, mask, cache)[:, -1].log_softmax(-1).view(B, K, V) + scores[..., None]
+            logits = self.decode_step(tok, attention_mask, cache)[:, -1]          # (B K, V)
+            logp = logits.log_softmax(-1).view(B, K, V) + scores[..., None]
             cand_scores, idx = logp.view(B, K * V).topk(2 * K)                 # (B, 2K)
             beam, token = idx // V, idx % V
             cand = seqs.gather(1, beam[..., None].expand(-1, -1, max_new_tokens))   # (B, 2K, max_new_tokens)
