@@ -1,0 +1,508 @@
+"""
+The ROT5 write-up's ablation study from one command: what each post-T5 idea does to a T5-Base-shaped
+encoder-decoder pre-trained with UL2 on TinyStories, then what the best of them does for summarization.
+
+The study (the seed's "Initial Pretraining" and "Initial Summarization Tuning"):
+  1. Pre-train five variants, each the previous one plus one change (config/<name>.py presets):
+         t5_base               T5 v1.0: learned relative position bias, multi-head attention, dense FFN
+         rot5_base_rope        + rotary position embeddings (RoFormer)
+         rot5_base_gqa         + grouped-query attention (Ainslie et al. 2023)
+         rot5_base_moe         + Switch mixture of experts in every other FFN (Fedus et al. 2021), no aux losses
+         rot5_base_moe_losses  + the load-balancing loss and the router z-loss (ST-MoE)
+     at matched compute: every variant trains for the same steps on the same documents, in the same order,
+     with the same UL2 corruption (train.py's batches are a function of (seed, step) only), and the same
+     batch size (the seed lowered it to 256 for MoE to fit its GPUs; here MoE gets the dense batch too).
+     MoE is compared at equal ACTIVE parameters per token: top-1 routing sends each token through one
+     expert the size of the dense FFN, so it costs the dense model's FLOPs (plus a tiny router) while
+     holding n_experts times the FFN parameters in its MoE layers.
+  2. Fine-tune the T5 baseline and the best upgraded variant (lowest full validation loss; the seed's was
+     RoPE + GQA) on story -> summary pairs and score ROUGE-L (finetune.py).
+  3. Write results.md (the tables) and the seed's charts as PNGs: validation-loss curves per variant,
+     final full-validation-loss bars, fine-tuning loss and ROUGE-L curves with final bars.
+
+Scales:
+  --scale cpu   (default) config/ablation_cpu.py after each preset: d_model 256, 4 heads x 64, 2 + 2 layers,
+                GQA with 2 K/V heads, MoE with 4 experts, 40 steps of 16 documents of the bundled sample
+                (data/sample), then fine-tuning on the bundled 3 TinyStories-Instruct records (2 train,
+                1 validation: an end-to-end exercise, not a score). 30 minutes measured on 2 shared CPU
+                cores (~400 tokens/s; README "Ablation study" has the results).
+  --scale full  the presets themselves (~223M parameters; 1 epoch of TinyStories, 7,066 steps of 300
+                documents each), fine-tuning with config/finetune_summary.py (1M pairs of
+                TinyStories-Instruct). Needs `python prepare.py tinystories` and `tinystories_instruct`
+                and a GPU: `--plan` prints the runs and their cost estimated from FLOPs (~0.3 hours per
+                pre-training, ~2 hours in all on one H100 at an ASSUMED 30% MFU; not measured).
+
+Usage:
+    python ablation.py                                   # CPU scale, out/ablation
+    python ablation.py --scale full --out out/ablation_full
+    python ablation.py --scale full --plan               # the runs, steps, FLOPs and GPU-hours; trains nothing
+    python ablation.py --steps 20                        # pre-train every variant for 20 steps instead
+    python ablation.py --variants t5_base,rot5_base_gqa  # a subset (in the study's order)
+    python ablation.py --scale full --micro_batch_size=15  # any other --key=value goes to every train.py run
+
+Re-running is resume-friendly: a run whose final metrics exist (its ablation.json holds a result) is
+skipped; an interrupted pre-training continues from its checkpoint (train.py --resume); a run directory
+written with other settings is refused (use another --out). Each run's directory is exactly what train.py
+or finetune.py writes (ckpt.pt, metrics.jsonl, predictions.jsonl), so every number here can be re-derived.
+
+Outputs in --out: <variant>/ (pre-training), <variant>_summary/ (fine-tuning), results.md,
+ablation_pretrain_val_loss.png, ablation_pretrain_final_val_loss.png, ablation_summary_val_loss.png,
+ablation_summary_rougeL.png (matplotlib is optional: without it the runs and results.md still happen).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import NamedTuple
+
+import torch
+
+import finetune
+import prepare
+import train
+from configurator import configure
+from model import ROT5, ROT5Config, SwitchFFN
+from tokenizer import get_tokenizer
+from ul2 import UL2Batches
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Variant(NamedTuple):
+    name: str   # the preset config/<name>.py, and the run's directory under --out
+    label: str  # for tables and charts
+
+
+VARIANTS = (  # the seed's order: each one adds one change to the one before
+    Variant("t5_base", "T5"),
+    Variant("rot5_base_rope", "+RoPE"),
+    Variant("rot5_base_gqa", "+RoPE +GQA"),
+    Variant("rot5_base_moe", "+RoPE +GQA +MoE"),
+    Variant("rot5_base_moe_losses", "+MoE +aux/z losses"),
+)
+BASELINE = "t5_base"
+
+# The seed's results, read off its charts (1 epoch of TinyStories at T5-Base size on 2 RTX 3090s).
+# Its MoE + losses bar lies between MoE and T5; the write-up gives no number for it.
+SEED_FULL_VAL_LOSS = {"t5_base": 2.573, "rot5_base_rope": 2.117, "rot5_base_gqa": 2.074, "rot5_base_moe": 2.203}
+SEED_ROUGE_L = {"t5_base": 20.50, "rot5_base_gqa": 26.45}  # (ROT5-mini 46.41, FLAN-T5-Base 55.71)
+
+# --scale cpu: what differs per variant at d_model 256 with 4 heads (the rest is config/ablation_cpu.py).
+CPU_GQA_KV_HEADS = 2  # the presets' 12 query heads / 4 K/V heads = 3 per group does not divide 4 heads
+CPU_EXPERTS = 4       # the presets' 8 experts, halved with the model
+# --scale full: the seed's dense batch for every variant, MoE included (matched compute, see the docstring)
+FULL_BATCH = ["--batch_size=300", "--micro_batch_size=30"]
+# The keys the variants differ in, and the keys this script sets itself: not overridable from the command line.
+ABLATED_KEYS = ("position", "n_kv_heads", "n_experts", "moe_top_k", "aux_loss_coef", "z_loss_coef")
+OWN_KEYS = ("out_dir", "resume")
+
+# GPU cost estimate for --plan: FLOPs / (peak x MFU). The MFU is an ASSUMPTION, not a measurement: eager
+# PyTorch encoder-decoders of this size typically reach 25-40% of the bf16 peak on one GPU.
+ASSUMED_MFU = 0.30
+GPUS = (("H100 SXM", dict(train.PEAK_FLOPS)["H100"]), ("RTX 3090", dict(train.PEAK_FLOPS)["RTX 3090"]))
+PLAN_BATCHES = 8      # UL2 micro-batches of the bundled sample drawn to measure FLOPs per document
+
+CHARTS = ("ablation_pretrain_val_loss.png", "ablation_pretrain_final_val_loss.png",
+          "ablation_summary_val_loss.png", "ablation_summary_rougeL.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) the study; returns {"pretrain": {name: row}, "finetune": {name: row}}."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    variants = [v for v in VARIANTS if v.name in args.variants]
+    t_start = time.perf_counter()
+    if args.scale == "cpu" or args.plan:  # the bundled sample: cheap, idempotent ("up to date" when done)
+        with contextlib.redirect_stdout(io.StringIO()):
+            for name in ("sample", "sample_instruct"):
+                prepare.prepare(name, out_dir=os.path.join("data", name))
+
+    runs = {v.name: pretrain_args(v, args, overrides) for v in variants}  # name -> (argv, resolved config)
+    if args.plan:
+        print_plan(runs, args)
+        return {}
+    # Every dataset the study needs must exist before hours of pre-training, not after them.
+    ft_dataset = configure(finetune.DEFAULTS, [finetune_preset(args.scale)])["dataset"]
+    for dataset in sorted({config["dataset"] for _, config in runs.values()} | {ft_dataset}):
+        try:
+            prepare.load_meta(os.path.join("data", dataset))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+
+    say(f"{args.scale} scale: pre-training {len(variants)} variants into {args.out}")
+    for i, v in enumerate(variants, 1):
+        argv, config = runs[v.name]
+        run_once(os.path.join(args.out, v.name), config, train.main, argv, resumable=True,
+                 what=f"pre-training {v.name} ({i}/{len(variants)}): python train.py")
+
+    pre = {v.name: pretrain_row(v, os.path.join(args.out, v.name), runs[v.name][1]) for v in variants}
+    tuned = finetune_choice(pre)
+    for name in tuned:
+        argv, config = finetune_args(name, args.scale, args.out, runs[name][1])
+        run_once(os.path.join(args.out, f"{name}_summary"), config, finetune.main, argv, resumable=False,
+                 what=f"fine-tuning {name}: python finetune.py")
+    post = {name: finetune_row(name, os.path.join(args.out, f"{name}_summary")) for name in tuned}
+
+    labels = {v.name: v.label for v in VARIANTS}
+    table = results_table(pre, post, labels, args.scale)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    draw_charts(args.out, pre, post, labels)
+    say(f"done in {time.perf_counter() - t_start:.0f} s (skipped runs not counted); {args.out}/results.md")
+    return {"pretrain": pre, "finetune": post}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the runs: argv for train.py / finetune.py, and running each once
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(description="ROT5 ablation study (see the module docstring)",
+                                 epilog="other --key=value arguments are passed to every train.py run")
+    ap.add_argument("--scale", choices=("cpu", "full"), default="cpu")
+    ap.add_argument("--steps", type=int, default=0, help="pre-training steps for every variant (default: the scale's)")
+    ap.add_argument("--out", default="out/ablation", help="output directory")
+    ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated subset")
+    ap.add_argument("--plan", action="store_true", help="print the runs and their estimated cost; train nothing")
+    args, rest = ap.parse_known_args(argv)
+    names = [v.name for v in VARIANTS]
+    args.variants = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in args.variants if n not in names]
+    if unknown or not args.variants:
+        raise SystemExit(f"--variants {','.join(unknown) or '(empty)'}: unknown; choose from {','.join(names)}")
+    if args.steps < 0:
+        raise SystemExit(f"--steps={args.steps} must be >= 1 (or 0 for the scale's default)")
+    for arg in rest:
+        key = arg[2:].partition("=")[0]
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"cannot parse {arg!r}: pass train.py settings as --key=value (e.g. --micro_batch_size=8)")
+        if key in ABLATED_KEYS + OWN_KEYS:
+            why = "it is what the variants differ in" if key in ABLATED_KEYS else "use --out"
+            raise SystemExit(f"--{key} is set by the study itself ({why}): drop it, or run train.py directly")
+    return args, rest
+
+
+def resolve_pretrain(argv: list[str]) -> dict:
+    """train.py's config for argv (the same defaults and config files train.main reads)."""
+    return configure({**train.TRAIN_DEFAULTS, **asdict(ROT5Config())}, argv)
+
+
+def pretrain_args(v: Variant, args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], dict]:
+    """train.py argv for one variant: preset, then the scale's settings, then the user's overrides."""
+    preset = os.path.join(HERE, "config", f"{v.name}.py")
+    if args.scale == "cpu":
+        base = resolve_pretrain([preset])
+        deltas = ([f"--n_kv_heads={CPU_GQA_KV_HEADS}"] if base["n_kv_heads"] < base["n_heads"] else []) \
+            + ([f"--n_experts={CPU_EXPERTS}"] if base["n_experts"] else [])
+        argv = [preset, os.path.join(HERE, "config", "ablation_cpu.py"), *deltas, *overrides]
+    else:
+        argv = [preset, *FULL_BATCH, *overrides]
+    if args.steps:
+        # train.py takes a budget, not a step count: steps = ceil(epochs * documents / batch_size). Half a
+        # document below N batches makes the ceiling exactly N whatever the float rounding.
+        config = resolve_pretrain(argv)
+        n_docs = train_documents(config["dataset"])
+        argv += [f"--epochs={(args.steps * config['batch_size'] - 0.5) / n_docs!r}", "--max_tokens=0"]
+    argv.append(f"--out_dir={os.path.join(args.out, v.name)}")
+    return argv, resolve_pretrain(argv)
+
+
+def finetune_preset(scale: str) -> str:
+    return os.path.join(HERE, "config", "finetune_sample_cpu.py" if scale == "cpu" else "finetune_summary.py")
+
+
+def finetune_args(name: str, scale: str, out: str, pre_config: dict) -> tuple[list[str], dict]:
+    """finetune.py argv: the scale's preset, this variant's checkpoint, and pre-training's encoder_len so the
+    model reads no position it was not pre-trained on."""
+    argv = [finetune_preset(scale), f"--init_from={os.path.join(out, name, 'ckpt.pt')}",
+            f"--out_dir={os.path.join(out, f'{name}_summary')}", f"--encoder_len={pre_config['encoder_len']}"]
+    return argv, configure(finetune.DEFAULTS, argv)
+
+
+def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict], argv: list[str], resumable: bool,
+             what: str) -> None:
+    """script_main(argv) (train.main or finetune.main) unless run_dir/ablation.json holds a result for this config;
+    `what` and the equivalent command line are printed when it runs.
+
+    ablation.json = {"config": the resolved config, "result": the script's return value (null while running),
+    "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation."""
+    state_path = os.path.join(run_dir, "ablation.json")
+    comparable = {k: v for k, v in config.items() if k not in OWN_KEYS}
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        changed = sorted(k for k in comparable.keys() | state["config"].keys()
+                         if comparable.get(k) != state["config"].get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {comparable.get(k)!r}" for k in changed)
+            raise SystemExit(f"{run_dir} was run with other settings ({diff}): use another --out, or delete {run_dir}")
+        if state["result"] is not None:
+            say(f"{run_dir}: done before ({state['wall_s']:.0f} s), skipped")
+            return
+    say(f"{what} {' '.join(map(shown, argv))}")
+    os.makedirs(run_dir, exist_ok=True)
+    # an interrupted pre-training continues from its last checkpoint (train.py checks it is the same model)
+    resume = resumable and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+    if resume:
+        say(f"{run_dir}: resuming from its checkpoint")
+    write_json(state_path, {"config": comparable, "result": None, "wall_s": None})
+    t0 = time.perf_counter()
+    result = script_main(argv + (["--resume=True"] if resume else []))
+    write_json(state_path, {"config": comparable, "result": result, "wall_s": time.perf_counter() - t0})
+
+
+def finetune_choice(pre: dict[str, dict]) -> list[str]:
+    """The baseline (if it ran) and the upgraded variant with the lowest full validation loss (the seed's:
+    RoPE + GQA), the comparison the seed's summarization section makes."""
+    upgrades = [name for name in pre if name != BASELINE]
+    best = [min(upgrades, key=lambda n: pre[n]["full_val_loss"])] if upgrades else []
+    return ([BASELINE] if BASELINE in pre else []) + best
+
+
+def train_documents(dataset: str) -> int:
+    """Training documents of data/<dataset>; the seed's count for a full dataset not downloaded yet (--plan)."""
+    try:
+        return prepare.load_meta(os.path.join("data", dataset))["splits"]["train"]["documents"]
+    except ValueError as e:
+        if (dataset, "train") in prepare.SEED_COUNTS:
+            return prepare.SEED_COUNTS[(dataset, "train")][1]
+        raise SystemExit(str(e)) from None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# results: rows from the metrics files, the tables, the charts
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pretrain_row(v: Variant, run_dir: str, config: dict) -> dict:
+    events = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    evals = [e for e in events if e["event"] == "eval"]
+    full = [e for e in events if e["event"] == "eval_full"]
+    if not full:
+        raise SystemExit(f"{run_dir}/metrics.jsonl has no final (eval_full) event: delete {run_dir} and re-run")
+    speeds = [e["tok_per_s"] for e in events if e["event"] == "train"]
+    total, active = param_counts(config)
+    with open(os.path.join(run_dir, "ablation.json")) as f:
+        wall = json.load(f)["wall_s"]
+    return {"label": v.label, "params": total, "active_params": active, "steps": full[-1]["step"],
+            "tokens": full[-1]["tokens"], "val_loss": evals[-1]["val_loss"], "full_val_loss": full[-1]["val_loss"],
+            "tok_per_s": statistics.median(speeds) if speeds else None, "wall_s": wall,
+            "curve": [(e["tokens"], e["val_loss"]) for e in evals]}
+
+
+def finetune_row(name: str, run_dir: str) -> dict:
+    evals = [e for e in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if e["event"] == "eval"]
+    with open(os.path.join(run_dir, "ablation.json")) as f:
+        wall = json.load(f)["wall_s"]
+    return {"val_loss": evals[-1]["val_loss"], "rougeL": evals[-1]["rougeL"], "lead1_rougeL": evals[-1]["lead1_rougeL"],
+            "n_eval": evals[-1]["n_eval"], "steps": evals[-1]["step"], "wall_s": wall,
+            "curve": [(e["step"], e["val_loss"], e["rougeL"]) for e in evals]}
+
+
+def meta_model(config: dict) -> ROT5:
+    """The model of a config on the meta device: shapes and FLOP counts without memory or init time."""
+    with torch.device("meta"):
+        return ROT5(ROT5Config(**{f.name: config[f.name] for f in fields(ROT5Config)}))
+
+
+def param_counts(config: dict) -> tuple[int, int]:
+    """(total, active per token): a token passes through moe_top_k of the n_experts experts of a MoE layer."""
+    model = meta_model(config)
+    idle = sum((m.cfg.n_experts - m.cfg.moe_top_k) * sum(p.numel() for p in m.experts[0].parameters())
+               for m in model.modules() if isinstance(m, SwitchFFN))
+    return model.num_params(), model.num_params() - idle
+
+
+def results_table(pre: dict, post: dict, labels: dict, scale: str) -> str:
+    lines = [f"Pre-training ({scale} scale): validation loss (UL2 LM cross-entropy; lower is better)", "",
+             "| variant | params | active / token | steps | tokens | val loss (subset) | full val loss | seed full val loss | tok/s | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in pre.items():
+        seed = f"{SEED_FULL_VAL_LOSS[name]:.3f}" if name in SEED_FULL_VAL_LOSS else "(between MoE and T5)"
+        speed = f"{r['tok_per_s']:,.0f}" if r["tok_per_s"] else "-"
+        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "-"
+        lines.append(f"| {r['label']} | {r['params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M | {r['steps']} | "
+                     f"{r['tokens']:,} | {r['val_loss']:.3f} | **{r['full_val_loss']:.3f}** | {seed} | {speed} | {wall} |")
+    if post:
+        n_eval = next(iter(post.values()))["n_eval"]
+        lines += ["", f"Summarization fine-tuning: ROUGE-L F x 100 on {n_eval} validation pair(s)", "",
+                  "| fine-tuned from | steps | val loss | ROUGE-L | lead-1 ROUGE-L | seed ROUGE-L | wall |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in post.items():
+            seed = f"{SEED_ROUGE_L[name]:.2f}" if name in SEED_ROUGE_L else "-"
+            wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "-"
+            lines.append(f"| {labels[name]} | {r['steps']} | {r['val_loss']:.3f} | **{r['rougeL']:.2f}** | "
+                         f"{r['lead1_rougeL']:.2f} | {seed} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_charts(out: str, pre: dict, post: dict, labels: dict) -> None:
+    """The seed's charts, from the rows read off the metrics files."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say(f"matplotlib is not installed: charts skipped (pip install matplotlib); the numbers are in {out}/results.md")
+        return
+    colors = {v.name: f"C{i}" for i, v in enumerate(VARIANTS)}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in pre.items():
+        tokens, loss = zip(*r["curve"])
+        ax.plot([t / 1e6 for t in tokens], loss, marker=".", color=colors[name], label=r["label"])
+    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (subset)",
+           title="Pre-training: validation loss per variant")
+    later = [loss for r in pre.values() for _, loss in r["curve"][1:]]
+    if later:  # step 0 sits near ln(vocab) = 10.4: zoom on the rest, where the variants differ
+        ax.set_ylim(min(later) - 0.1, max(later) + 0.2)
+        ax.set_xlim(left=0)
+        ax.text(0.01, 0.02, f"step 0: {pre[next(iter(pre))]['curve'][0][1]:.2f}, off the top", transform=ax.transAxes,
+                fontsize=8, color="grey")
+    ax.legend(), ax.grid(alpha=0.3)
+    save_figure(fig, os.path.join(out, CHARTS[0]))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(pre)
+    values = [pre[n]["full_val_loss"] for n in names]
+    bars = ax.bar([pre[n]["label"] for n in names], values, color=[colors[n] for n in names])
+    ax.bar_label(bars, fmt="%.3f")
+    low, high = min(values), max(values)
+    ax.set_ylim(max(0.0, low - 2 * (high - low) - 0.05), high + (high - low) * 0.3 + 0.05)
+    ax.set(ylabel="full validation loss", title="Pre-training: final loss on the whole validation split")
+    ax.tick_params(axis="x", labelrotation=15)
+    save_figure(fig, os.path.join(out, CHARTS[1]))
+
+    if not post:
+        return
+    for filename, column, ylabel, fmt in ((CHARTS[2], 1, "validation loss", "%.3f"), (CHARTS[3], 2, "ROUGE-L", "%.2f")):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 2]})
+        for name, r in post.items():
+            left.plot([c[0] for c in r["curve"]], [c[column] for c in r["curve"]], marker=".", color=colors[name],
+                      label=labels[name])
+        left.set(xlabel="fine-tuning step", ylabel=ylabel, title=f"Summarization: {ylabel}")
+        left.legend(), left.grid(alpha=0.3)
+        bars = right.bar([labels[n] for n in post], [r["curve"][-1][column] for r in post.values()],
+                         color=[colors[n] for n in post])
+        right.bar_label(bars, fmt=fmt)
+        if column == 2:  # the lead-1 baseline (the story's first sentence) for scale
+            right.axhline(next(iter(post.values()))["lead1_rougeL"], color="grey", linestyle="--", label="lead-1")
+            right.legend()
+        right.set(title="final")
+        save_figure(fig, os.path.join(out, filename))
+
+
+def save_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt  # only reached when draw_charts could import it
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)  # 700 x 400 pixels: a few tens of KB
+    plt.close(fig)
+    say(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# --plan: the runs and their cost, from FLOPs
+
+def flops_per_document(config: dict) -> float:
+    """Training FLOPs (model.train_flops, forward + backward) per document, averaged over real UL2 micro-batches
+    of the bundled sample (TinyStories) with this config's windows, batch and mixture: the padding and the
+    corruption lengths are those train.py will see."""
+    docs = prepare.load_documents(os.path.join("data", "sample"), "train")
+    tok = get_tokenizer(prepare.load_meta(os.path.join("data", "sample"))["tokenizer"])
+    batches = UL2Batches(docs, tok, config["mixture"], config["encoder_len"], config["decoder_len"],
+                         config["micro_batch_size"], seed=config["seed"])
+    model = meta_model(config)
+    total = 0.0
+    for g in range(PLAN_BATCHES):
+        b = batches.batch(g)
+        total += model.train_flops(int(b.attention_mask.sum()), int((b.labels != -100).sum()),
+                                   b.input_ids.shape[1], b.labels.shape[1])
+    return total / (PLAN_BATCHES * config["micro_batch_size"])
+
+
+def flops_per_pair(pre_config: dict, ft_config: dict) -> float:
+    """Fine-tuning FLOPs per (story, summary) pair, from the bundled Instruct pairs in finetune.py's format."""
+    pairs = prepare.load_pairs(os.path.join("data", "sample_instruct"), "train")
+    pairs = [pairs[i] for i in range(len(pairs))]
+    batch, _ = finetune.collate(pairs, get_tokenizer(), ft_config["encoder_len"], ft_config["decoder_len"])
+    return meta_model(pre_config).train_flops(int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()),
+                                              batch["input_ids"].shape[1], batch["labels"].shape[1]) / len(pairs)
+
+
+def planned_steps(config: dict) -> int:
+    """train.py's step count for a config (its budget rule: max_tokens wins over epochs)."""
+    dataset = config["dataset"]
+    n_docs = train_documents(dataset)
+    if config["max_tokens"] > 0:
+        try:
+            tokens = prepare.load_meta(os.path.join("data", dataset))["splits"]["train"]["tokens"]
+        except ValueError:
+            tokens = prepare.SEED_COUNTS[(dataset, "train")][0]
+        return math.ceil(config["max_tokens"] / (tokens / n_docs * config["batch_size"]))
+    return math.ceil(config["epochs"] * n_docs / config["batch_size"])
+
+
+def print_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace) -> None:
+    hours = " | ".join(f"{gpu} h" for gpu, _ in GPUS)
+    print(f"{args.scale} scale, into {args.out}. Cost ESTIMATED from FLOPs at an assumed {ASSUMED_MFU:.0%} MFU "
+          f"(bf16 dense peaks: {', '.join(f'{g} {p / 1e12:.0f} TFLOP/s' for g, p in GPUS)}), not measured:\n")
+    print(f"| run | params (active) | steps x batch | FLOPs | {hours} |")
+    print("|---|---|---|---|" + "---|" * len(GPUS))
+    total = 0.0
+    for name, (argv, config) in runs.items():
+        steps = planned_steps(config)
+        flops = steps * config["batch_size"] * flops_per_document(config)
+        total += flops
+        params, active = param_counts(config)
+        cost = " | ".join(f"{flops / (peak * ASSUMED_MFU) / 3600:.2f}" for _, peak in GPUS)
+        print(f"| pre-train {name} | {params / 1e6:.1f}M ({active / 1e6:.1f}M) | {steps:,} x {config['batch_size']} "
+              f"| {flops:.2e} | {cost} |")
+    # fine-tuning: the baseline and the best upgrade, known only after pre-training: the seed's (RoPE + GQA) here
+    for name in [n for n in (BASELINE, "rot5_base_gqa") if n in runs]:
+        _, ft = finetune_args(name, args.scale, args.out, runs[name][1])
+        n_pairs = ft["train_pairs"] or len(prepare.load_pairs(os.path.join("data", "sample_instruct"), "train"))
+        steps = max(1, math.ceil(ft["epochs"] * n_pairs / ft["batch_size"]))
+        flops = steps * ft["batch_size"] * flops_per_pair(runs[name][1], ft)
+        total += flops
+        cost = " | ".join(f"{flops / (peak * ASSUMED_MFU) / 3600:.2f}" for _, peak in GPUS)
+        print(f"| fine-tune {name} (training only) | | {steps:,} x {ft['batch_size']} | {flops:.2e} | {cost} |")
+    cost = " | ".join(f"{total / (peak * ASSUMED_MFU) / 3600:.1f}" for _, peak in GPUS)
+    print(f"| total | | | {total:.2e} | {cost} |")
+    print("\nEvaluation (validation losses, greedy generation for ROUGE-L) is not included.")
+    for name, (argv, _) in runs.items():
+        print(f"python train.py {' '.join(map(shown, argv))}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# small helpers
+
+def say(message: str) -> None:
+    print(f"[ablation] {message}", flush=True)
+
+
+def shown(arg: str) -> str:
+    """An argv entry as a user would type it from the repository root."""
+    return os.path.relpath(arg, HERE) if os.path.isabs(arg) and arg.startswith(HERE) else arg
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # a crash never leaves half a state file
+
+
+if __name__ == "__main__":
+    main()

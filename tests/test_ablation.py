@@ -1,0 +1,120 @@
+"""ablation.py end to end at toy size on the bundled real TinyStories sample: two variants pre-trained for 2
+steps on the same documents, the fine-tuning comparison on the real Instruct records, results.md and the
+charts; re-running skips finished runs, changed settings are refused; the step budget and the MoE's
+active-parameter count are exact."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ablation  # noqa: E402
+
+# A toy model and batch (the rest comes from config/ablation_cpu.py): seconds per run on a CPU.
+TINY = ["--d_model=64", "--n_heads=4", "--head_dim=16", "--d_ff=128", "--encoder_len=128", "--decoder_len=64",
+        "--batch_size=8", "--micro_batch_size=8", "--eval_docs=8", "--eval_batch_size=8", "--log_interval=1",
+        "--eval_interval=1"]
+ARGV = ["--variants", "t5_base,rot5_base_gqa", "--steps", "2", "--out", "abl", *TINY]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """The study run once in a fresh directory (train.py and finetune.py read data/ relative to it)."""
+    work = tmp_path_factory.mktemp("ablation")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        yield {"dir": work, "result": ablation.main(ARGV)}
+    finally:
+        os.chdir(cwd)
+
+
+def events(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_variants_trained_at_matched_compute(study):
+    runs = {name: events(study["dir"] / "abl" / name / "metrics.jsonl") for name in ("t5_base", "rot5_base_gqa")}
+    for name, ev in runs.items():
+        assert [e["step"] for e in ev if e["event"] == "eval_full"] == [2], name
+    # the same documents in the same order: identical token counts at every logged step
+    tokens = {name: [(e["step"], e["tokens"]) for e in ev if e["event"] == "train"] for name, ev in runs.items()}
+    assert tokens["t5_base"] == tokens["rot5_base_gqa"] and len(tokens["t5_base"]) == 2
+    # each variant is its preset's change, shrunk: T5 bias + multi-head vs RoPE + 2 of 4 K/V heads
+    configs = {name: json.loads((study["dir"] / "abl" / name / "ablation.json").read_text())["config"] for name in runs}
+    assert (configs["t5_base"]["position"], configs["t5_base"]["n_kv_heads"]) == ("t5", 4)
+    assert (configs["rot5_base_gqa"]["position"], configs["rot5_base_gqa"]["n_kv_heads"]) == ("rope", 2)
+    assert all(c["dataset"] == "sample" and c["d_model"] == 64 for c in configs.values())
+
+
+def test_finetunes_baseline_and_best_and_writes_results(study):
+    pre, post = study["result"]["pretrain"], study["result"]["finetune"]
+    assert list(post) == ["t5_base", "rot5_base_gqa"]  # the baseline, then the only (so best) upgrade
+    for name, row in post.items():
+        ev = [e for e in events(study["dir"] / "abl" / f"{name}_summary" / "metrics.jsonl") if e["event"] == "eval"]
+        assert row["rougeL"] == ev[-1]["rougeL"] and 0.0 <= row["rougeL"] <= 100.0
+        assert (study["dir"] / "abl" / f"{name}_summary" / "predictions.jsonl").exists()
+    full = {name: [e for e in events(study["dir"] / "abl" / name / "metrics.jsonl") if e["event"] == "eval_full"][0]
+            for name in pre}
+    table = (study["dir"] / "abl" / "results.md").read_text()
+    for name, row in pre.items():
+        assert row["full_val_loss"] == full[name]["val_loss"]
+        assert f"**{row['full_val_loss']:.3f}**" in table and row["label"] in table
+    assert f"**{post['rot5_base_gqa']['rougeL']:.2f}**" in table
+
+
+def test_charts(study):
+    pytest.importorskip("matplotlib")
+    for name in ablation.CHARTS:
+        data = (study["dir"] / "abl" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000, name
+
+
+def test_rerun_skips_finished_runs_and_refuses_changed_settings(study, capsys, monkeypatch):
+    monkeypatch.chdir(study["dir"])
+    paths = [study["dir"] / "abl" / d / "metrics.jsonl" for d in ("t5_base", "rot5_base_gqa", "t5_base_summary")]
+    before = [p.stat().st_mtime_ns for p in paths]
+    again = ablation.main(ARGV)
+    assert [p.stat().st_mtime_ns for p in paths] == before
+    assert again["pretrain"]["t5_base"]["full_val_loss"] == study["result"]["pretrain"]["t5_base"]["full_val_loss"]
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings.*epochs"):
+        ablation.main([a if a != "2" else "3" for a in ARGV])
+
+
+def test_steps_budget_is_exact(study, monkeypatch):
+    """--steps N becomes an epochs budget; train.py's rule ceil(epochs * docs / batch) must give exactly N."""
+    monkeypatch.chdir(study["dir"])  # its data/sample: 3,365 training documents
+    variant = ablation.VARIANTS[0]
+    for steps in (1, 2, 7, 53, 105, 106, 1000):
+        for batch in (8, 32, 300):
+            args, _ = ablation.parse_args(["--steps", str(steps)])
+            argv, config = ablation.pretrain_args(variant, args, [f"--batch_size={batch}", "--micro_batch_size=1"])
+            assert ablation.planned_steps(config) == steps, (steps, batch)
+
+
+def test_moe_matches_dense_active_parameters():
+    """Top-1 Switch: a token uses one expert the size of the dense FFN, so MoE's active parameters are the
+    dense GQA model's plus the routers (d_model x experts per MoE layer, every other layer of both stacks)."""
+    args, _ = ablation.parse_args([])
+    gqa = ablation.pretrain_args(ablation.VARIANTS[2], args, [])[1]
+    moe = ablation.pretrain_args(ablation.VARIANTS[3], args, [])[1]
+    (gqa_total, gqa_active), (moe_total, moe_active) = ablation.param_counts(gqa), ablation.param_counts(moe)
+    n_moe_layers = moe["n_encoder_layers"] // 2 + moe["n_decoder_layers"] // 2
+    assert gqa_total == gqa_active
+    assert moe_active - gqa_active == n_moe_layers * moe["d_model"] * moe["n_experts"]
+    assert moe_total > moe_active and moe["n_experts"] == ablation.CPU_EXPERTS
+
+
+def test_bad_input_is_one_clear_line():
+    with pytest.raises(SystemExit, match="unknown; choose from"):
+        ablation.parse_args(["--variants", "t5_large"])
+    with pytest.raises(SystemExit, match="what the variants differ in"):
+        ablation.parse_args(["--n_kv_heads=1"])
+    with pytest.raises(SystemExit, match="--key=value"):
+        ablation.parse_args(["d_model=64"])
