@@ -237,7 +237,7 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
             out = model(**batch)
             generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                        max_new_tokens=cfg["decoder_len"], num_beams=cfg["num_beams"],
-                                       eos_token_id=tok.eos_id)
+                                       eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids())
         k = int((batch["labels"] != -100).sum())
         loss_sum, n_labels = loss_sum + out.loss.item() * k, n_labels + k
         for (story, summary), ids in zip(pairs, generated.tolist()):

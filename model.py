@@ -716,11 +716,15 @@ class ROT5(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 64,
                  num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, suppress_tokens: list[int] | None = None) -> Tensor:
         """Greedy (default), sampling (do_sample, with temperature -> top_k -> top_p filtering, as HF) or beam
         search (num_beams > 1, HF's algorithm and defaults). Returns (B, <= max_new_tokens) ids without the
-        start token: eos, then pad for sequences that finished early. Call model.eval() first."""
+        start token: eos, then pad for sequences that finished early. suppress_tokens: ids never generated
+        (HF's SuppressTokensLogitsProcessor), e.g. sentinels when continuing a story. Call model.eval() first."""
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        suppress = torch.tensor(suppress_tokens, device=input_ids.device) if suppress_tokens else None
+        if suppress is not None:
+            self._check_ids(suppress[None], "suppress_tokens")
         if max_new_tokens < 1 or num_beams < 1 or temperature <= 0:
             raise ValueError(f"need max_new_tokens >= 1, num_beams >= 1, temperature > 0; got {max_new_tokens}, "
                              f"{num_beams}, {temperature}")
@@ -729,7 +733,7 @@ class ROT5(nn.Module):
         attention_mask = self._check_inputs(input_ids, attention_mask)
         enc = self._encode(input_ids, attention_mask)
         if num_beams > 1:
-            return self._beam_search(enc, attention_mask, max_new_tokens, num_beams, eos)
+            return self._beam_search(enc, attention_mask, max_new_tokens, num_beams, eos, suppress)
 
         B, pad = input_ids.shape[0], self.cfg.pad_token_id
         cache = self.new_cache(enc, max_new_tokens)
@@ -738,6 +742,8 @@ class ROT5(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for t in range(max_new_tokens):
             logits = self.decode_step(tok, attention_mask, cache)[:, -1]  # (B, V)
+            if suppress is not None:
+                logits[:, suppress] = -math.inf
             if do_sample:
                 nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1,
                                         generator=generator)[:, 0]
@@ -752,7 +758,7 @@ class ROT5(nn.Module):
         return out
 
     def _beam_search(self, enc: Tensor, attention_mask: Tensor | None, max_new_tokens: int, K: int,
-                     eos: int) -> Tensor:
+                     eos: int, suppress: Tensor | None) -> Tensor:
         """HF transformers' beam search (generation/utils.py `_beam_search`) with its defaults
         (length_penalty=1, early_stopping=False), step for step:
         - each step keeps the top 2K (beam, token) continuations by summed log-prob over all K beams;
@@ -777,7 +783,10 @@ class ROT5(nn.Module):
         tok = torch.full((B * K, 1), pad, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
             logits = self.decode_step(tok, attention_mask, cache)[:, -1]          # (B K, V)
-            logp = logits.log_softmax(-1).view(B, K, V) + scores[..., None]
+            logp = logits.log_softmax(-1)
+            if suppress is not None:  # after the softmax, as HF applies logits processors in beam search
+                logp[:, suppress] = -math.inf
+            logp = logp.view(B, K, V) + scores[..., None]
             cand_scores, idx = logp.view(B, K * V).topk(2 * K)                 # (B, 2K)
             beam, token = idx // V, idx % V
             cand = seqs.gather(1, beam[..., None].expand(-1, -1, max_new_tokens))   # (B, 2K, max_new_tokens)

@@ -17,7 +17,8 @@ The default mode is summarize for a fine-tuned checkpoint and continue for a pre
 on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly forgotten how).
 
 Decoding: greedy by default; --do-sample with --temperature / --top-k / --top-p (and --seed); or beam search
-with --num-beams N. Prompts come from --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per
+with --num-beams N. Tokens that are never text (pad, mode tokens, and sentinels except in fill mode) are
+never generated, so a half-trained model cannot print "<extra_id_12>" into a story. Prompts come from --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per
 line, or separated by <|endoftext|> lines when the text holds any; they are generated --batch-size at a time.
 An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
 config has none) is an error, not silently cut.
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
                                        num_beams=args.num_beams, do_sample=args.do_sample,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       eos_token_id=tok.eos_id)
+                                       eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids(mode != "fill"))
         if device_type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0

@@ -51,6 +51,11 @@ class Tokenizer:
         self._special_names = {self.pad_id: "<pad>", **{i: f"[{m}]" for m, i in self.mode_ids.items()}}
         self._special_names.update({s: f"<extra_id_{k}>" for k, s in enumerate(self.sentinel_ids)})
 
+    def non_text_ids(self, sentinels: bool = True) -> list[int]:
+        """Ids that a story or a summary never contains: pad, the mode tokens and, unless sentinels=False
+        (filling gaps, where the decoder writes them), the sentinels. For generate(suppress_tokens=...)."""
+        return [self.pad_id, *self.mode_ids.values(), *(self.sentinel_ids if sentinels else [])]
+
     def __getstate__(self):
         return {"name": self.name}
 

@@ -234,3 +234,19 @@ def test_sample_cli_missing_checkpoint_exits_with_one_line(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and "no checkpoint at" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_never_generates_non_text_tokens(run, capsys, monkeypatch):
+    """continue/summarize suppress pad, mode tokens and sentinels; fill keeps the sentinels it must write.
+    (That suppression itself equals HF's: tests/test_hf_parity.py.)"""
+    tok, seen, generate = get_tokenizer(), {}, ROT5.generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen["suppress"] = kwargs["suppress_tokens"]
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ROT5, "generate", recording_generate)
+    sample_main(["--ckpt", run["pre"], "--max-new-tokens", "4", "--prompt", real_stories(1)[0][:60]], capsys)
+    assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values(), *tok.sentinel_ids}
+    sample_main(["--ckpt", run["pre"], "--mode", "fill", "--max-new-tokens", "4", "--prompt", "Lily <extra_id_0>."], capsys)
+    assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values()}

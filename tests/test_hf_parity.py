@@ -96,3 +96,25 @@ def test_beam_search_matches_hf(pair):
     # the case is not trivial: beam search differs from greedy, and some hypotheses end with eos early
     assert sum(a != b for a, b in zip(ours, greedy)) >= 5
     assert sum(r[-1] == eos and len(r) < MAX_NEW for r in ours) >= 2
+
+
+def test_suppress_tokens_match_hf(pair):
+    """generate(suppress_tokens=...) = HF's suppress_tokens, greedy and beam search. The suppressed ids are
+    the ones greedy decoding picks most, so the constraint changes many outputs."""
+    hf, model = pair
+    eos = model.cfg.eos_token_id
+    x, am, _ = prompts()
+    free = model.generate(x, am, max_new_tokens=MAX_NEW)
+    ids, counts = free[(free != eos) & (free != model.cfg.pad_token_id)].unique(return_counts=True)
+    banned = ids[counts.argsort(descending=True)[:5]].tolist()
+    ours = model.generate(x, am, max_new_tokens=MAX_NEW, suppress_tokens=banned)
+    ref = hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, do_sample=False,
+                      suppress_tokens=banned)[:, 1:]
+    assert torch.equal(ours, ref)
+    assert not torch.isin(ours, torch.tensor(banned)).any()  # (pad after eos is not generated: not banned)
+    assert sum(a != b for a, b in zip(until_eos(ours, eos), until_eos(free, eos))) >= 5
+    ours = until_eos(model.generate(x, am, max_new_tokens=MAX_NEW, num_beams=4, suppress_tokens=banned), eos)
+    ref = until_eos(hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, num_beams=4,
+                                suppress_tokens=banned)[:, 1:], eos)
+    assert sum(a == b for a, b in zip(ours, ref)) / len(ref) >= 0.95
+    assert not any(set(r) & set(banned) for r in ours)
