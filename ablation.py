@@ -182,6 +182,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise SystemExit(f"--steps={args.steps} must be >= 1 (or 0 for the scale's default)")
     for arg in rest:
         key = arg[2:].partition("=")[0]
+        if args.steps and key in ("epochs", "max_tokens"):
+            raise SystemExit(f"--steps and --{key} both set the pre-training budget: give one of them")
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"cannot parse {arg!r}: pass train.py settings as --key=value (e.g. --micro_batch_size=8)")
         if key in ABLATED_KEYS + OWN_KEYS:

@@ -107,5 +107,6 @@ def set_random_states(states: dict) -> None:
     np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
     np.random.set_state(np_state)
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    # one state per GPU of the machine that saved it; this one may have fewer (resuming on other hardware)
+    for i, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)

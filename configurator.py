@@ -3,9 +3,10 @@
     python train.py config/rot5_mini.py --batch_size=640 --compile=True
 
 Each argument that does not start with "--" is a config file of plain Python assignments, exec'd in order;
-each "--key=value" then overrides one key. Every key must already have a default (a typo is an error that
-lists the valid keys, not a silently ignored setting), and every value must have the default's type, so
-`--epochs=two` or `--batch_size=0.5` fail at start-up instead of hours into a run.
+then each "--key=value" overrides one key, wherever it stands on the command line. Every key must already
+have a default (a typo is an error that lists the valid keys, not a silently ignored setting), and every
+value must have the default's type, so `--epochs=two` or `--batch_size=0.5` fail at start-up instead of hours
+into a run. `check_ranges` then rejects values of the right type but out of range (`--log_interval=0`).
 """
 from __future__ import annotations
 
@@ -18,18 +19,27 @@ import types
 def configure(defaults: dict, argv: list[str]) -> dict:
     """defaults (key -> value) updated by the config files and --key=value overrides in argv; returns a new dict."""
     config = dict(defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise SystemExit(f"cannot parse {arg!r}: write overrides as --key=value (e.g. --batch_size=64)")
+    for arg in (a for a in argv if not a.startswith("--")):
+        for key, value in _read_config_file(arg).items():
             _check_key(key, defaults, arg)
-            config[key] = _checked(key, _parse(text, defaults[key]), defaults[key], arg)
-        else:
-            for key, value in _read_config_file(arg).items():
-                _check_key(key, defaults, arg)
-                config[key] = _checked(key, value, defaults[key], arg)
+            config[key] = _checked(key, value, defaults[key], arg)
+    for arg in (a for a in argv if a.startswith("--")):
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            raise SystemExit(f"cannot parse {arg!r}: write overrides as --key=value (e.g. --batch_size=64)")
+        _check_key(key, defaults, arg)
+        config[key] = _checked(key, _parse(text, defaults[key]), defaults[key], arg)
     return config
+
+
+def check_ranges(config: dict, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 fractions: tuple[str, ...] = ()) -> None:
+    """One-line errors for keys that must be > 0, >= 0, or in [0, 1)."""
+    for keys, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (fractions, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            if not ok(config[key]):
+                raise SystemExit(f"--{key}={config[key]!r} must be {rule}")
 
 
 def _read_config_file(path: str) -> dict:
@@ -38,9 +48,14 @@ def _read_config_file(path: str) -> dict:
         raise SystemExit(f"config file {path} does not exist: pass a file like config/rot5_mini.py, or --key=value overrides")
     namespace: dict = {}
     with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # a typo in a config file is the user's to fix: say where, without a traceback
+        where = f"{path}:{e.lineno}" if isinstance(e, SyntaxError) else path
+        raise SystemExit(f"config file {where} does not run ({type(e).__name__}: {e}): fix it") from None
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+            if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)}
 
 
 def _parse(text: str, default):

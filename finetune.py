@@ -53,7 +53,7 @@ from rouge_score import rouge_scorer
 
 import prepare
 from checkpoint import load_model, random_states, save_checkpoint
-from configurator import configure
+from configurator import check_ranges, configure
 from tokenizer import Tokenizer
 from train import ADAM_EPS, lr_factor, param_groups
 
@@ -70,7 +70,7 @@ DEFAULTS: dict = dict(
     learning_rate=1e-4,
     weight_decay=0.01,
     warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
-    grad_clip=1.0,
+    grad_clip=1.0,                      # max global gradient norm (0: no clipping)
     dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     encoder_len=512,                    # longer stories are cut (and counted)
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
@@ -88,6 +88,9 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 
 def main(argv: list[str]) -> dict:
     cfg = configure(DEFAULTS, argv)
+    check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
+                                "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval"),
+                 non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     # bf16 autocast on CUDA as in pre-training; fp32 on CPU, where bf16 matmuls are slow and inexact.
@@ -99,17 +102,19 @@ def main(argv: list[str]) -> dict:
     set_dropout(model, cfg["dropout"])
     data_dir = os.path.join("data", cfg["dataset"])  # as train.py: relative to the working directory
     try:
+        data_tokenizer = prepare.load_meta(data_dir)["tokenizer"]
         train_pairs, val_pairs = prepare.load_pairs(data_dir, "train"), prepare.load_pairs(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if data_tokenizer != tok.name:
+        raise SystemExit(f"{data_dir} was tokenized with {data_tokenizer!r} but {cfg['init_from']} uses {tok.name!r}: "
+                         f"run `python prepare.py {cfg['dataset']} --tokenizer {tok.name}` into another directory")
     n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
     n_val = min(cfg["eval_pairs"], len(val_pairs))
     if cfg["batch_size"] % cfg["micro_batch_size"]:
         raise SystemExit(f"batch_size={cfg['batch_size']} is not a multiple of micro_batch_size={cfg['micro_batch_size']}: "
                          "change one of them")
     accum = cfg["batch_size"] // cfg["micro_batch_size"]  # gradient accumulation steps
-    if min(cfg["eval_interval"], cfg["log_interval"], cfg["eval_pairs"], cfg["eval_batch_size"]) < 1:
-        raise SystemExit("eval_interval, log_interval, eval_pairs and eval_batch_size must be >= 1")
     steps = max(1, math.ceil(cfg["epochs"] * n_train / cfg["batch_size"]))
     warmup = math.ceil(cfg["warmup_frac"] * steps)  # HF Trainer rounds warmup_ratio * steps up, as train.py
     print(f"fine-tuning {cfg['init_from']} ({init_ckpt.get('kind', '?')}, step {init_ckpt.get('step', '?')}, "
@@ -131,10 +136,12 @@ def main(argv: list[str]) -> dict:
     truncated = 0  # training stories cut to encoder_len so far
     since_log = {"loss": 0.0, "tokens": 0, "steps": 0}
     last_eval: dict = {}
+    t_log = time.perf_counter()
     model.train()
     for step in range(steps + 1):  # step = optimizer updates done so far
         # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
         if step % cfg["eval_interval"] == 0 or step == steps:
+            t_eval = time.perf_counter()
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
             log(metrics_path, last_eval)
@@ -146,7 +153,7 @@ def main(argv: list[str]) -> dict:
                 "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                 "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
                 "rng": random_states(), "metrics": last_eval})
-            t_log = time.perf_counter()  # evaluation and saving are not training throughput
+            t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
         if step == steps:
             break
 
@@ -165,7 +172,7 @@ def main(argv: list[str]) -> dict:
             (loss / len(micro_batches)).backward()
             since_log["loss"] += out.loss.item() / len(micro_batches)
             since_log["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         since_log["steps"] += 1

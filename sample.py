@@ -143,15 +143,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    # Bytes that are not UTF-8 become U+FFFD, as prepare.py reads its data (argv and stdin hold them as
+    # surrogate escapes, which the tokenizer would reject).
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
                 return split_prompts(f.read(), args.prompt_file)
         except OSError as e:
             raise SystemExit(f"error: cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
     prompts: list[str] = []
     for p in args.prompt:
         prompts += split_prompts(sys.stdin.read(), "stdin") if p == "-" else [p]
+    prompts = [p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in prompts]
     if any(not p.strip() for p in prompts):
         raise SystemExit("error: an empty --prompt: give it some text")
     return prompts
@@ -175,9 +178,13 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
             body = tok.encode(prompt, allow_sentinels=True)
         except ValueError as e:
             raise SystemExit(f"error: prompt {k + 1}: {e}") from None
-        if not set(body) & set(tok.sentinel_ids):
+        gaps = [i for i in body if i in set(tok.sentinel_ids)]
+        if not gaps:
             raise SystemExit(f"error: prompt {k + 1} has no gap: mark each with <extra_id_0>, <extra_id_1>, ... "
                              "(or use --mode continue)")
+        if gaps != tok.sentinel_ids[:len(gaps)]:  # the only order span corruption ever showed the model
+            raise SystemExit(f"error: prompt {k + 1}: number its gaps <extra_id_0>, <extra_id_1>, ... in order, "
+                             "each once")
         ids = [tok.mode_ids[denoiser]] + body + [tok.eos_id]
     elif mode == "continue":
         ids = [tok.mode_ids["S"]] + tok.encode(prompt) + [tok.eos_id]
@@ -208,8 +215,8 @@ def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer) -> list[int
     spans: dict[int, list[int]] = {}
     current: int | None = None
     for i in generated:
-        if i in sentinels:
-            current = i
+        if i in sentinels:  # a sentinel the model repeats starts nothing: its first span stands
+            current = None if i in spans else i
             spans.setdefault(i, [])
         elif current is not None:
             spans[current].append(i)

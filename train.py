@@ -26,7 +26,8 @@ micro-batch is a pure function of (seed, g), its global index g = (step * accumu
 + rank: documents [g * micro_batch_size, ...) of the epoch stream and their corruption (ul2.UL2Batches),
 and dropout masks too (torch is seeded per micro-batch). So 1 process x 4 accumulation steps and 4
 processes x 1 step see the same examples and make the same update, and a resumed run (the checkpoint's
-step is its data position) continues the very loss curve of an uninterrupted one.
+step is its data position) makes the very updates of an uninterrupted one (a log interval that straddles
+the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
@@ -58,7 +59,7 @@ from tqdm import tqdm
 
 import prepare
 from checkpoint import load_checkpoint, random_states, save_checkpoint, set_random_states
-from configurator import configure
+from configurator import check_ranges, configure
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from tokenizer import get_tokenizer
 from ul2 import UL2Batches
@@ -113,13 +114,25 @@ def main(argv: list[str] | None = None) -> dict:
     if argv and argv[0].startswith("--chinchilla"):
         value = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
         try:
-            print_chinchilla(float(value))
+            tokens = float(value)
         except ValueError:
-            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget, e.g. 1.37e9)") from None
+            tokens = 0.0
+        if not tokens > 0:
+            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget > 0, e.g. 1.37e9)")
+        print_chinchilla(tokens)
         return {}
     model_defaults = asdict(ROT5Config())
     assert not set(model_defaults) & set(TRAIN_DEFAULTS), "a training key shadows a ROT5Config field"
     config = configure({**TRAIN_DEFAULTS, **model_defaults}, argv)
+    check_ranges(config, positive=("log_interval", "eval_interval", "eval_docs", "eval_batch_size", "encoder_len",
+                                   "decoder_len", "batch_size", "micro_batch_size", "learning_rate", "max_bad_steps"),
+                 non_negative=("epochs", "max_tokens", "weight_decay", "grad_clip", "peak_flops"),
+                 fractions=("warmup_frac", "beta1", "beta2"))
+    if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
+        raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
+    if config["device"] not in ("auto", "cpu", "cuda") or (config["device"] == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device={config['device']!r}: use auto, cpu or cuda (this PyTorch sees "
+                         f"{torch.cuda.device_count()} CUDA GPUs)")
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -211,6 +224,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     resuming = [cfg.resume or restarted]
     if ddp:  # rank 0 decides; a rank that cannot see its checkpoint (no shared out_dir) then fails clearly
         dist.broadcast_object_list(resuming, src=0)
+    if not resuming[0] and os.path.exists(ckpt_path):
+        # Never overwrite a run by starting another in its out_dir: and a crash of the new run before its first
+        # checkpoint would otherwise make a torchrun restart resume the old one.
+        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
+                         "another --out_dir (or delete it)")
     start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
     if resuming[0]:
         ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
@@ -350,6 +368,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             steps_in_interval, t_log = 0, time.perf_counter()
 
         if done % cfg.eval_interval == 0 or done == max_steps:
+            t_eval = time.perf_counter()
             last_eval = {"step": done, "tokens": tokens_seen, **evaluate(n_eval), "docs": n_eval}
             log({"event": "eval", **last_eval})
             say(f"step {done}: val_loss {last_eval['val_loss']:.4f} on {n_eval} documents")
@@ -359,7 +378,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k.startswith("val")}}
                 say(f"final: val_loss {full['val_loss']:.4f} on the full validation split ({len(val_docs):,} documents)")
             save(done)
-            t_log = time.perf_counter()  # evaluation and saving are not training throughput
+            t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
     return {**last_eval, "max_steps": max_steps}
 

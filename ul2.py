@@ -35,7 +35,9 @@ Formats (a real TinyStories sentence, Mistral tokenizer; <extra_id_k> = sentinel
       targets her room.</s>
 
 Span corruption follows T5's `random_spans_noise_mask` (Raffel et al. 2020, sec. 3.1.4; t5/data/
-preprocessors.py) exactly; everything but the span lengths is a deterministic function of the length L:
+preprocessors.py), in float64 like HF's port of it (T5's TensorFlow rounds L * r in float32, which differs on
+some exact .5 ties, e.g. L = 190, r = 0.15: 28 noise tokens here, 29 there); everything but the span
+lengths is a deterministic function of the length L:
 
     num_noise = clip(round(L * r), 1, L - 1)
     num_spans = clip(round(num_noise / mu), 1, L - num_noise)    (T5 has no upper clip; it never binds for

@@ -118,3 +118,5 @@ def test_bad_input_is_one_clear_line():
         ablation.parse_args(["--n_kv_heads=1"])
     with pytest.raises(SystemExit, match="--key=value"):
         ablation.parse_args(["d_model=64"])
+    with pytest.raises(SystemExit, match="--steps and --epochs both set the pre-training budget"):
+        ablation.parse_args(["--steps", "3", "--epochs=2"])

@@ -156,6 +156,10 @@ def test_fill_gaps_inverts_ul2_span_corruption_on_real_stories():
     body = tok.encode("One day, a little girl named <extra_id_0> found a <extra_id_1> in her room.", allow_sentinels=True)
     answer = [tok.sentinel_ids[0]] + tok.encode("Lily")
     assert tok.decode(sample.fill_gaps(body, answer, tok)) == "One day, a little girl named Lily found a<extra_id_1> in her room."
+    # a sentinel the model writes twice: its first span stands, the repeat is dropped
+    answer = [tok.sentinel_ids[0]] + tok.encode("Lily") + [tok.sentinel_ids[1]] + tok.encode("needle") \
+        + [tok.sentinel_ids[0]] + tok.encode("Max")
+    assert tok.decode(sample.fill_gaps(body, answer, tok)) == "One day, a little girl named Lily found a needle in her room."
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +213,8 @@ def test_sample_fill_and_summarize(run, capsys):
     (["--prompt", "x", "--do-sample", "--temperature", "0"], "--temperature must be > 0"),
     (["--prompt", "Lily found a needle.", "--mode", "fill"], "has no gap"),
     (["--prompt", "Lily found a <extra_id_300>.", "--mode", "fill"], "<extra_id_300> does not exist"),
+    (["--prompt", "Lily <extra_id_1> a <extra_id_0>.", "--mode", "fill"], "in order, each once"),
+    (["--prompt", "Lily <extra_id_0> a <extra_id_0>.", "--mode", "fill"], "in order, each once"),
     (["--prompt", "LONG"], "over this checkpoint's encoder_len=128"),
     (["--prompt", "x", "--denoiser", "X"], "--denoiser picks the mode token of --mode fill"),
     (["--prompt", "x", "--device", "gpu0"], "is not a device"),
@@ -250,3 +256,16 @@ def test_sample_never_generates_non_text_tokens(run, capsys, monkeypatch):
     assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values(), *tok.sentinel_ids}
     sample_main(["--ckpt", run["pre"], "--mode", "fill", "--max-new-tokens", "4", "--prompt", "Lily <extra_id_0>."], capsys)
     assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values()}
+
+
+def test_sample_reads_prompts_that_are_not_utf8(run, capsys, monkeypatch, tmp_path):
+    """Bad bytes become U+FFFD, as prepare.py reads data, from argv (surrogate escapes), stdin and a file."""
+    story = real_stories(1)[0][:40]
+    bad = (story + " \udcff").encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")  # byte 0xff
+    args = ["--ckpt", run["pre"], "--max-new-tokens", "2"]
+    (out,), _ = sample_main(args + ["--prompt", bad], capsys)
+    assert out.startswith(story + " \ufffd")
+    prompt_file = tmp_path / "bad.txt"
+    prompt_file.write_bytes(story.encode() + b" \xff")
+    (out,), _ = sample_main(args + ["--prompt-file", str(prompt_file)], capsys)
+    assert out.startswith(story + " \ufffd")

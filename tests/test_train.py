@@ -267,6 +267,37 @@ def test_values_must_have_the_default_type(tmp_path):
     assert got["dataset"] == "123" and got["out_dir"] == "out/y"    # later arguments win
 
 
+def test_config_files_first_then_overrides_and_broken_files(tmp_path):
+    from configurator import configure
+    cfg = tmp_path / "c.py"
+    cfg.write_text("from math import ceil\nbatch_size = ceil(15.5)\n")  # imported helpers are not keys
+    assert configure(train.TRAIN_DEFAULTS, ["--batch_size=64", str(cfg)])["batch_size"] == 64  # overrides win
+    assert configure(train.TRAIN_DEFAULTS, [str(cfg)])["batch_size"] == 16
+    broken = tmp_path / "broken.py"
+    broken.write_text("batch_size = 64\nepochs = (1\n")
+    with pytest.raises(SystemExit, match=r"config file .*broken\.py:2 does not run \(SyntaxError"):
+        train.main([str(broken)])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--log_interval=0", "--log_interval=0 must be > 0"), ("--grad_clip=-1.0", "--grad_clip=-1.0 must be >= 0"),
+    ("--warmup_frac=1.5", r"--warmup_frac=1.5 must be in \[0, 1\)"), ("--seed=-1", r"--seed=-1 must be in \[0, 2\*\*31\)"),
+    ("--device=gpu", "--device='gpu': use auto, cpu or cuda"), ("--chinchilla=-1", "a data budget > 0")])
+def test_out_of_range_values_are_one_line(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main([arg])
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(tmp_path, sample_data):
+    out = tmp_path / "run"
+    argv = TINY + [steps_arg(sample_data, 1, 4), "--batch_size=4", "--micro_batch_size=4", f"--out_dir={out}"]
+    train.main(argv)
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="ckpt.pt exists: continue that run with --resume=True"):
+        train.main(argv + ["--learning_rate=1e-3"])
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_missing_config_file_and_bad_batch_split():
     with pytest.raises(SystemExit, match=r"config file config/nope\.py does not exist"):
         train.main(["config/nope.py"])
