@@ -548,8 +548,8 @@ class Decoder(nn.Module):
             is_causal = cache is None                     # lets SDPA pick a fused causal kernel
             self_mask = None if is_causal or T == 1 else ~future
         cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
-        if cache is None:
-            enc_rope = self.encoder_rope(enc.shape[1] if enc_packed is None else enc_packed.T, dev)
+        enc_rope = None if cache is not None else \
+            self.encoder_rope(enc.shape[1] if enc_packed is None else enc_packed.T, dev)  # cached K/V are rotated
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             kv = layer.cross_attn.project_kv(enc, enc_rope, enc_packed) if cache is None else cache.cross_kv[i]
@@ -618,6 +618,9 @@ class ROT5(nn.Module):
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
                              "must have the same shape")
+        if decoder_input_ids.shape[0] != input_ids.shape[0]:  # (cross-attention would read it as beams)
+            raise ValueError(f"decoder batch {decoder_input_ids.shape[0]} != encoder batch {input_ids.shape[0]}: "
+                             "pass one decoder row per input row")
 
         stats: list[MoEStats] = []
         # Skip padding (Packed): the encoder never attends to it, and the decoder (causal) never attends to
@@ -642,7 +645,7 @@ class ROT5(nn.Module):
         loss = logits = None
         if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model
             logits_sel = self.lm_logits(h[dec_tokens])
-            loss = F.cross_entropy(logits_sel.float(), labels[labels != -100])
+            loss = F.cross_entropy(logits_sel.float(), labels[labels != -100].long())
         else:
             logits = self.lm_logits(h)
         zero = h.new_zeros((), dtype=torch.float32)
@@ -716,13 +719,14 @@ class ROT5(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 64,
                  num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, suppress_tokens: list[int] | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, suppress_tokens: list[int] | Tensor | None = None) -> Tensor:
         """Greedy (default), sampling (do_sample, with temperature -> top_k -> top_p filtering, as HF) or beam
         search (num_beams > 1, HF's algorithm and defaults). Returns (B, <= max_new_tokens) ids without the
         start token: eos, then pad for sequences that finished early. suppress_tokens: ids never generated
         (HF's SuppressTokensLogitsProcessor), e.g. sentinels when continuing a story. Call model.eval() first."""
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
-        suppress = torch.tensor(suppress_tokens, device=input_ids.device) if suppress_tokens else None
+        suppress = None if suppress_tokens is None or len(suppress_tokens) == 0 else \
+            torch.as_tensor(suppress_tokens, dtype=torch.long, device=input_ids.device)
         if suppress is not None:
             self._check_ids(suppress[None], "suppress_tokens")
         if max_new_tokens < 1 or num_beams < 1 or temperature <= 0:

@@ -274,6 +274,13 @@ def test_bad_inputs_raise_one_line_errors():
         model(x, am[:, :-1], labels=labels)
     with pytest.raises(ValueError, match="decoder_input_ids or labels"):
         model(x, am)
+    with pytest.raises(ValueError, match="decoder batch 3 != encoder batch 1"):  # not silently read as 3 beams
+        model(x[:1], am[:1], labels=labels)
+    model.eval()  # int32 ids work like int64 ones, labels included
+    assert model(x.int(), am, labels=labels.int()).loss.item() == model(x, am, labels=labels).loss.item()
+    banned = [int(i) for i in model.generate(x, am, max_new_tokens=1)[:, 0]]
+    out = model.generate(x, am, max_new_tokens=1, suppress_tokens=torch.tensor(banned))  # a tensor works too
+    assert not torch.isin(out, torch.tensor(banned)).any()
 
 
 def eos_prone_model(seed: int = 0) -> ROT5:
