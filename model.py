@@ -459,8 +459,9 @@ def ffn_forward(block: EncoderBlock | DecoderBlock, x: Tensor, token_mask: Tenso
 @dataclass
 class KVCache:
     """Decoder state while generating. self_kv is allocated once and written in place, one position per
-    step; cross_kv holds the encoder keys/values of every decoder layer, computed once per sequence.
-    K/V keep n_kv_heads heads: GQA's memory saving is exactly here."""
+    step; cross_kv holds the encoder keys/values of every decoder layer, computed once per prompt (its beams
+    share them). K/V keep n_kv_heads heads: GQA's memory saving is exactly here. Beam search trades memory
+    for speed: `spare` doubles the self-attention cache."""
     self_kv: Tensor   # (n_decoder_layers, 2, B, n_kv_heads, max_len, head_dim)
     cross_kv: Tensor  # (n_decoder_layers, 2, B or B / beams, n_kv_heads, S, head_dim)
     length: int = 0   # decoder positions filled = position of the next decoder token
