@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     try:
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"error: --device {device}, but this PyTorch sees no CUDA GPU: use --device cpu")
-    except RuntimeError:
-        raise SystemExit(f"error: --device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+        torch.empty(0, device=device)  # e.g. "mps" parses but may not be built in, "cuda:7" may not exist
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"error: --device {device!r} is not usable here ({first_line(e)}): use cpu, cuda or "
+                         "cuda:N") from None
     try:
         model, tok, ckpt = load_model(args.ckpt, device)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:  # one line, no traceback

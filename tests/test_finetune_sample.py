@@ -217,7 +217,8 @@ def test_sample_fill_and_summarize(run, capsys):
     (["--prompt", "Lily <extra_id_0> a <extra_id_0>.", "--mode", "fill"], "in order, each once"),
     (["--prompt", "LONG"], "over this checkpoint's encoder_len=128"),
     (["--prompt", "x", "--denoiser", "X"], "--denoiser picks the mode token of --mode fill"),
-    (["--prompt", "x", "--device", "gpu0"], "is not a device"),
+    (["--prompt", "x", "--device", "gpu0"], "is not usable here"),
+    (["--prompt", "x", "--device", "xpu"], "'xpu' is not usable here"),  # parses, but not built into this torch
 ])
 def test_sample_errors_are_one_line(run, argv, message):
     argv = [(" ".join(real_stories(3)) if a == "LONG" else a) for a in argv]
