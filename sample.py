@@ -18,8 +18,9 @@ on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly fo
 
 Decoding: greedy by default; --do-sample with --temperature / --top-k / --top-p (and --seed); or beam search
 with --num-beams N. Tokens that are never text (pad, mode tokens, and sentinels except in fill mode) are
-never generated, so a half-trained model cannot print "<extra_id_12>" into a story. Prompts come from --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per
-line, or separated by <|endoftext|> lines when the text holds any; they are generated --batch-size at a time.
+never generated, so a half-trained model cannot print "<extra_id_12>" into a story. Prompts come from
+--prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per line, or separated by <|endoftext|>
+lines when the text holds any; they are generated --batch-size at a time.
 An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
 config has none) is an error, not silently cut.
 """

@@ -260,7 +260,7 @@ def test_sample_never_generates_non_text_tokens(run, capsys, monkeypatch):
 
 
 def test_sample_reads_prompts_that_are_not_utf8(run, capsys, monkeypatch, tmp_path):
-    """Bad bytes become U+FFFD, as prepare.py reads data, from argv (surrogate escapes), stdin and a file."""
+    """Bad bytes become U+FFFD, as prepare.py reads data: from argv (surrogate escapes) and from a file."""
     story = real_stories(1)[0][:40]
     bad = (story + " \udcff").encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")  # byte 0xff
     args = ["--ckpt", run["pre"], "--max-new-tokens", "2"]
@@ -270,3 +270,17 @@ def test_sample_reads_prompts_that_are_not_utf8(run, capsys, monkeypatch, tmp_pa
     prompt_file.write_bytes(story.encode() + b" \xff")
     (out,), _ = sample_main(args + ["--prompt-file", str(prompt_file)], capsys)
     assert out.startswith(story + " \ufffd")
+
+
+def test_finetune_grad_clip_zero_means_no_clipping(run, monkeypatch):
+    """grad_clip=0 is "no clipping" (it used to scale every gradient by 0: nothing trained); < 0 is refused."""
+    monkeypatch.chdir(run["dir"])
+    argv = [os.path.join(ROOT, "config", "finetune_sample_cpu.py"), "--init_from=pre/ckpt.pt",
+            f"--encoder_len={ENCODER_LEN}", "--epochs=3.0", "--eval_pairs=1", "--eval_batch_size=1",
+            "--weight_decay=0.0"]  # 3 steps (the first has lr 0: warm-up); no decay: only gradients move weights
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.main(argv + ["--out_dir=ft_noclip", "--grad_clip=0.0"])
+    before, after = (load_model(p, "cpu")[0].state_dict() for p in ("pre/ckpt.pt", "ft_noclip/ckpt.pt"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="--grad_clip=-1.0 must be >= 0"):
+        finetune.main(argv + ["--out_dir=ft_bad", "--grad_clip=-1.0"])
