@@ -235,9 +235,12 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
     `what` and the equivalent command line are printed when it runs.
 
     ablation.json = {"config": the resolved config, "result": the script's return value (null while running),
-    "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation."""
+    "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation.
+    wall_s adds up every invocation that worked on the run: a resumed pre-training counts the time before the
+    interruption too (what it cost, including the steps redone after the last checkpoint)."""
     state_path = os.path.join(run_dir, "ablation.json")
     comparable = {k: v for k, v in config.items() if k not in OWN_KEYS}
+    spent = 0.0  # seconds earlier, interrupted invocations spent on this run
     if os.path.exists(state_path):
         with open(state_path) as f:
             state = json.load(f)
@@ -249,16 +252,20 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
         if state["result"] is not None:
             say(f"{run_dir}: done before ({state['wall_s']:.0f} s), skipped")
             return
+        spent = state.get("wall_s") or 0.0
     say(f"{what} {' '.join(map(shown, argv))}")
     os.makedirs(run_dir, exist_ok=True)
     # an interrupted pre-training continues from its last checkpoint (train.py checks it is the same model)
     resume = resumable and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
     if resume:
         say(f"{run_dir}: resuming from its checkpoint")
-    write_json(state_path, {"config": comparable, "result": None, "wall_s": None})
-    t0 = time.perf_counter()
-    result = script_main(argv + (["--resume=True"] if resume else []))
-    write_json(state_path, {"config": comparable, "result": result, "wall_s": time.perf_counter() - t0})
+    spent = spent if resume else 0.0  # a run that starts over (fine-tuning) costs only its last invocation
+    write_json(state_path, {"config": comparable, "result": None, "wall_s": spent})
+    t0, result = time.perf_counter(), None
+    try:
+        result = script_main(argv + (["--resume=True"] if resume else []))
+    finally:  # interrupted too (Ctrl-C, an error): the time is kept for the invocation that finishes the run
+        write_json(state_path, {"config": comparable, "result": result, "wall_s": spent + time.perf_counter() - t0})
 
 
 def finetune_choice(pre: dict[str, dict]) -> list[str]:

@@ -55,7 +55,7 @@ import prepare
 from checkpoint import load_model, random_states, save_checkpoint
 from configurator import check_ranges, configure
 from tokenizer import Tokenizer
-from train import ADAM_EPS, lr_factor, param_groups
+from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 
 # -----------------------------------------------------------------------------
 # defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
@@ -71,6 +71,7 @@ DEFAULTS: dict = dict(
     weight_decay=0.01,
     warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
     grad_clip=1.0,                      # max global gradient norm (0: no clipping)
+    max_bad_steps=5,                    # stop after this many non-finite steps in a row (each one is skipped)
     dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     encoder_len=512,                    # longer stories are cut (and counted)
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
@@ -80,7 +81,7 @@ DEFAULTS: dict = dict(
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
     log_interval=50,
     seed=1337,
-    device="auto",                      # "auto": cuda if available, else cpu
+    device="auto",                      # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N"
 )
 TASK_PREFIX = "Summarize:"
 SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline exercise, not a measurement
@@ -89,12 +90,12 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 def main(argv: list[str]) -> dict:
     cfg = configure(DEFAULTS, argv)
     check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
-                                "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval"),
+                                "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
+                                "max_bad_steps"),
                  non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    device = resolve_device(cfg["device"])
     # bf16 autocast on CUDA as in pre-training; fp32 on CPU, where bf16 matmuls are slow and inexact.
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
 
@@ -126,14 +127,14 @@ def main(argv: list[str]) -> dict:
               "Real scores need `python prepare.py tinystories_instruct`.")
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["learning_rate"],
-                                  betas=(0.9, 0.999), eps=ADAM_EPS, fused=device_type == "cuda")  # HF defaults, as train.py
+                                  betas=(0.9, 0.999), eps=ADAM_EPS, fused=device.type == "cuda")  # HF defaults, as train.py
     # Training order: a fresh permutation of the first n_train pairs per epoch, fixed by the seed.
     rng = np.random.default_rng(cfg["seed"])
     order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
 
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     open(metrics_path, "w").close()  # one run per out_dir: start the log afresh
-    truncated = 0  # training stories cut to encoder_len so far
+    truncated, bad_in_a_row = 0, 0  # training stories cut to encoder_len so far; non-finite steps in a row
     since_log = {"loss": 0.0, "tokens": 0, "steps": 0}
     last_eval: dict = {}
     t_log = time.perf_counter()
@@ -162,6 +163,7 @@ def main(argv: list[str]) -> dict:
             group["lr"] = lr
         idx = order[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]  # (<= batch_size,) pair indices
         micro_batches = [idx[i:i + cfg["micro_batch_size"]] for i in range(0, len(idx), cfg["micro_batch_size"])]
+        step_loss, step_tokens = 0.0, 0
         for micro_idx in micro_batches:  # fewer than accum only on the last step of a fractional epoch
             batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"])
             truncated += cut
@@ -170,17 +172,27 @@ def main(argv: list[str]) -> dict:
                 out = model(**batch)
                 loss = out.loss + out.aux_loss + out.z_loss  # plus the MoE balancing / z-losses (0 if dense)
             (loss / len(micro_batches)).backward()
-            since_log["loss"] += out.loss.item() / len(micro_batches)
-            since_log["tokens"] += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)  # 0: no clipping
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        since_log["steps"] += 1
+            step_loss += loss.item() / len(micro_batches)
+            step_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        grad_norm, updated = guarded_step(model, optimizer, cfg["grad_clip"], step_loss)  # as train.py
+        if updated:
+            bad_in_a_row = 0
+            since_log["loss"] += step_loss
+            since_log["tokens"] += step_tokens
+            since_log["steps"] += 1
+        else:
+            bad_in_a_row += 1
+            log(metrics_path, {"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
+            print(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
+            if bad_in_a_row >= cfg["max_bad_steps"]:
+                raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; "
+                                 f"{cfg['out_dir']}/ckpt.pt holds the last evaluated state. Lower learning_rate "
+                                 "or check the data")
 
-        if (step + 1) % cfg["log_interval"] == 0 or step + 1 == steps:
+        if ((step + 1) % cfg["log_interval"] == 0 or step + 1 == steps) and since_log["steps"]:
             dt = time.perf_counter() - t_log
             event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / since_log["steps"], "lr": lr,
-                     "grad_norm": float(grad_norm), "tok_per_s": since_log["tokens"] / dt, "train_truncated": truncated}
+                     "grad_norm": grad_norm, "tok_per_s": since_log["tokens"] / dt, "train_truncated": truncated}
             log(metrics_path, event)
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s")
             since_log, t_log = {"loss": 0.0, "tokens": 0, "steps": 0}, time.perf_counter()
@@ -229,8 +241,8 @@ def collate(pairs: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer, encoder_
 # evaluation: validation loss, generated summaries, ROUGE-L and the lead-1 baseline
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int, cfg: dict, device: str,
-             autocast) -> tuple[dict, list[dict]]:
+def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int, cfg: dict,
+             device: torch.device, autocast) -> tuple[dict, list[dict]]:
     """Token-weighted val loss and ROUGE-L of generated summaries over the first n validation pairs, and those rows."""
     model.eval()
     loss_sum, n_labels, cut, rows = 0.0, 0, 0, []  # rows: {story, reference, prediction} per pair

@@ -611,6 +611,8 @@ class ROT5(nn.Module):
         attention_mask = self._check_inputs(input_ids, attention_mask)
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
+            if (labels == -100).all():  # the mean over no tokens is NaN
+                raise ValueError("labels are all -100 (ignored): a batch needs at least one token to predict")
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (decoder inputs are labels shifted right)")
@@ -712,7 +714,12 @@ class ROT5(nn.Module):
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-        return attention_mask.bool()
+        attention_mask = attention_mask.bool()
+        empty = ~attention_mask.any(1)
+        if empty.any():  # its cross-attention would have nothing to attend to: no defined output
+            raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding (attention_mask all 0): every "
+                             "input needs at least one real token; drop empty rows")
+        return attention_mask
 
     # -- generation -------------------------------------------------------------------------------------
 

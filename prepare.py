@@ -568,10 +568,12 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.unlink(meta_path)  # the old meta must not describe the half-written new shards
-    meta["splits"] = {}
-    for s in sources:
-        meta["splits"][s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
-                                                 s["start"], s["stop"], desc=f"{dataset} {s['split']}")
+    counts = {}
+    # the small val split first: a malformed --val file fails in seconds, not after the train file's minutes
+    for s in sorted(sources, key=lambda s: s["split"] != "val"):
+        counts[s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
+                                         s["start"], s["stop"], desc=f"{dataset} {s['split']}")
+    meta["splits"] = {split: counts[split] for split in SPLITS}
     with atomic_write(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     print_table(meta)

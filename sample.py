@@ -36,6 +36,7 @@ import torch
 from checkpoint import load_model
 from finetune import summarize_input, until_eos
 from tokenizer import Tokenizer
+from train import resolve_device
 
 DEFAULT_ENCODER_LEN = 512  # T5's pre-training input length, for checkpoints whose config does not say
 
@@ -44,14 +45,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {device}, but this PyTorch sees no CUDA GPU: use --device cpu")
-        torch.empty(0, device=device)  # e.g. "mps" parses but may not be built in, "cuda:7" may not exist
-    except (RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: --device {device!r} is not usable here ({first_line(e)}): use cpu, cuda or "
-                         "cuda:N") from None
+    device = resolve_device(args.device)
     try:
         model, tok, ckpt = load_model(args.ckpt, device)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:  # one line, no traceback
@@ -67,8 +61,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     inputs = [build_input(mode, p, k, tok, encoder_len, args.denoiser or "R") for k, p in enumerate(prompts)]
 
     torch.manual_seed(args.seed)
-    device_type = torch.device(device).type
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     outputs: list[str] = []
     n_generated, seconds = 0, 0.0
     for start in range(0, len(inputs), args.batch_size):
@@ -83,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                                        num_beams=args.num_beams, do_sample=args.do_sample,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                        eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids(mode != "fill"))
-        if device_type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         for x, ids in zip(batch, generated.tolist()):
@@ -117,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= p (nucleus)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 

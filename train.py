@@ -94,7 +94,7 @@ warmup_frac = 0.01        # linear warm-up over this fraction of the steps, then
 grad_clip = 1.0           # max global gradient norm (0: no clipping)
 max_bad_steps = 5         # stop after this many non-finite steps in a row
 # system
-device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda"
+device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N" (one process)
 compile = False           # torch.compile the model (pads batches to fixed shapes to avoid recompiles)
 seed = 0
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
@@ -130,9 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
                  fractions=("warmup_frac", "beta1", "beta2"))
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
-    if config["device"] not in ("auto", "cpu", "cuda") or (config["device"] == "cuda" and not torch.cuda.is_available()):
-        raise SystemExit(f"--device={config['device']!r}: use auto, cpu or cuda (this PyTorch sees "
-                         f"{torch.cuda.device_count()} CUDA GPUs)")
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -141,8 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT after its rendezvous).
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = config["device"] if config["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if world > 1 and ":" in config["device"]:
+        raise SystemExit(f"--device={config['device']!r} under torchrun: use --device=cuda (process LOCAL_RANK "
+                         "takes GPU LOCAL_RANK)")
+    device = resolve_device(config["device"], local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
@@ -323,12 +322,15 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             dist.all_reduce(stats)  # (the gradients were all-reduced by DDP during the last backward)
         stats[:3] /= accum * world
         stats[6:] /= accum * world
-        stats[5] = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        step_loss, grad_norm = float(stats[:3].sum()), float(stats[5])
-
-        # A non-finite loss or gradient (identical on every rank after the all-reduces): skip the update.
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
+        step_loss = float(stats[:3].sum())
+        # (the loss and the gradients are identical on every rank after the all-reduces: all skip or none)
+        grad_norm, updated = guarded_step(raw_model, optimizer, cfg.grad_clip, step_loss)
+        stats[5] = grad_norm
+        if updated:
+            bad_in_a_row = 0
+            interval += stats.cpu()
+            steps_in_interval += 1
+        else:
             bad_in_a_row += 1
             log({"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
             say(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
@@ -337,12 +339,6 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                     else "no checkpoint was written yet"
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; {kept}. "
                                  "Lower learning_rate or check the data before resuming")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row = 0
-            interval += stats.cpu()
-            steps_in_interval += 1
         tokens_seen += int(stats[3])
         bar.update(1)
         done = step + 1
@@ -404,6 +400,19 @@ def param_groups(model: ROT5, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def guarded_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 loss: float) -> tuple[float, bool]:
+    """Clip the global gradient norm to grad_clip (0: no clipping) and update, unless the loss or the gradient
+    is not finite: then drop the gradients and skip the update, so one bad batch (or a bf16 overflow) cannot
+    turn every weight into NaN. Returns (the gradient norm before clipping, whether the update was made)."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
+    updated = math.isfinite(loss) and math.isfinite(grad_norm)
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, updated
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches, device: torch.device, autocast, ddp: bool) -> dict:
     """Token-weighted mean LM loss (and MoE losses) over this rank's eval batches, summed over ranks."""
@@ -420,6 +429,27 @@ def validation_loss(model: torch.nn.Module, batches, device: torch.device, autoc
     model.train()
     lm, aux, z = (sums[:3] / sums[3]).tolist()
     return {"val_loss": lm, "val_aux_loss": aux, "val_z_loss": z}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a `device` setting names, checked here so that a wrong one is one line, not a traceback
+    from deep in the model: "auto" (cuda if this PyTorch sees a GPU, else cpu), "cpu", "cuda" (GPU local_rank:
+    torchrun's LOCAL_RANK) or "cuda:N". Shared by train.py, finetune.py and sample.py."""
+    fix = "use auto, cpu, cuda or cuda:N"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"device {name!r} is not a device name: {fix}") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: parse, but this code is written for cpu and cuda
+        raise SystemExit(f"device {name!r}: ROT5 runs on cpu or cuda; {fix}")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"device {name!r}: this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(torch {torch.__version__}); use cpu, or a GPU that exists")
+    return device
 
 
 def device_peak_flops(device: torch.device) -> float:

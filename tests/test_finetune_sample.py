@@ -217,8 +217,8 @@ def test_sample_fill_and_summarize(run, capsys):
     (["--prompt", "Lily <extra_id_0> a <extra_id_0>.", "--mode", "fill"], "in order, each once"),
     (["--prompt", "LONG"], "over this checkpoint's encoder_len=128"),
     (["--prompt", "x", "--denoiser", "X"], "--denoiser picks the mode token of --mode fill"),
-    (["--prompt", "x", "--device", "gpu0"], "is not usable here"),
-    (["--prompt", "x", "--device", "xpu"], "'xpu' is not usable here"),  # parses, but not built into this torch
+    (["--prompt", "x", "--device", "gpu0"], "device 'gpu0' is not a device name"),
+    (["--prompt", "x", "--device", "xpu"], "device 'xpu': ROT5 runs on cpu or cuda"),  # parses, not supported
 ])
 def test_sample_errors_are_one_line(run, argv, message):
     argv = [(" ".join(real_stories(3)) if a == "LONG" else a) for a in argv]
@@ -284,3 +284,49 @@ def test_finetune_grad_clip_zero_means_no_clipping(run, monkeypatch):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(SystemExit, match="--grad_clip=-1.0 must be >= 0"):
         finetune.main(argv + ["--out_dir=ft_bad", "--grad_clip=-1.0"])
+
+
+def finetune_argv(*extra: str) -> list[str]:
+    return [os.path.join(ROOT, "config", "finetune_sample_cpu.py"), "--init_from=pre/ckpt.pt",
+            f"--encoder_len={ENCODER_LEN}", "--eval_pairs=1", "--eval_batch_size=1", *extra]
+
+
+def test_finetune_skips_non_finite_steps(run, monkeypatch):
+    """As train.py: a NaN loss skips its update (the weights stay finite), max_bad_steps in a row stop the run."""
+    monkeypatch.chdir(run["dir"])
+    forward, calls, poisoned = ROT5.forward, {"n": 0}, set()
+
+    def nan_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in poisoned:
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(ROT5, "forward", nan_forward)
+    poisoned.add(3)  # the first micro-batch of step 2 of 3 (the config accumulates 2 x 1 pairs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.main(finetune_argv("--out_dir=ft_nan", "--epochs=3.0", "--log_interval=1"))
+    events = read_jsonl(run["dir"] / "ft_nan" / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "skip"] == [2]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 3]
+    assert all(torch.isfinite(v).all() for v in load_model("ft_nan/ckpt.pt", "cpu")[0].state_dict().values())
+
+    calls["n"] = 0
+    poisoned.update(range(1, 100))
+    with contextlib.redirect_stdout(io.StringIO()), \
+            pytest.raises(SystemExit, match=r"2 non-finite steps in a row \(up to step 2\)"):
+        finetune.main(finetune_argv("--out_dir=ft_nan_stop", "--epochs=3.0", "--max_bad_steps=2"))
+
+
+def test_finetune_refuses_data_of_another_tokenizer_and_a_bad_device(run, monkeypatch):
+    monkeypatch.chdir(run["dir"])
+    real_load_meta = prepare.load_meta
+    monkeypatch.setattr(prepare, "load_meta", lambda d: {**real_load_meta(d), "tokenizer": "gpt2"})
+    with contextlib.redirect_stdout(io.StringIO()), \
+            pytest.raises(SystemExit, match=r"was tokenized with 'gpt2' but pre/ckpt.pt uses 'mistral'"):
+        finetune.main(finetune_argv("--out_dir=ft_tok"))
+    monkeypatch.setattr(prepare, "load_meta", real_load_meta)
+    with pytest.raises(SystemExit, match="device 'tpu' is not a device name"):
+        finetune.main(finetune_argv("--out_dir=ft_dev", "--device=tpu"))

@@ -276,6 +276,14 @@ def test_bad_inputs_raise_one_line_errors():
         model(x, am)
     with pytest.raises(ValueError, match="decoder batch 3 != encoder batch 1"):  # not silently read as 3 beams
         model(x[:1], am[:1], labels=labels)
+    empty_row = am.clone()
+    empty_row[2] = 0  # nothing for cross-attention to attend to: refused, not a made-up output
+    with pytest.raises(ValueError, match="input row 2 is all padding"):
+        model(x, empty_row, labels=labels)
+    with pytest.raises(ValueError, match="input row 2 is all padding"):
+        model.generate(x, empty_row, max_new_tokens=1)
+    with pytest.raises(ValueError, match="labels are all -100"):  # (the mean over no tokens would be NaN)
+        model(x, am, labels=torch.full_like(labels, -100))
     model.eval()  # int32 ids work like int64 ones, labels included
     assert model(x.int(), am, labels=labels.int()).loss.item() == model(x, am, labels=labels).loss.item()
     banned = [int(i) for i in model.generate(x, am, max_new_tokens=1)[:, 0]]

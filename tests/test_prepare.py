@@ -134,6 +134,19 @@ def test_empty_file(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "meta.json")
 
 
+def test_a_malformed_val_file_fails_before_train_is_tokenized(tmp_path, monkeypatch):
+    """The val split is written first: a wrong --val costs seconds, not the train file's tokenization."""
+    train = _write(tmp_path / "train.txt", "".join(f"{s}\n{SEP}\n" for s in records(STORIES)[:30]).encode())
+    empty = _write(tmp_path / "val.txt", b"")
+    written = []
+    real_write_split = prepare.write_split
+    monkeypatch.setattr(prepare, "write_split", lambda out, split, *a, **k: written.append(split) or
+                        real_write_split(out, split, *a, **k))
+    with pytest.raises(ValueError, match="val.txt is empty"):
+        prepare.prepare("tinystories", str(tmp_path / "out"), train, empty, workers=1)
+    assert written == ["val"] and not os.path.exists(tmp_path / "out" / "train.bin")
+
+
 def test_missing_separators(tmp_path):
     joined = "\n\n".join(records(STORIES)[:5]).encode()
     no_sep = _write(tmp_path / "no_sep.txt", joined)

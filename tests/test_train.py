@@ -282,10 +282,32 @@ def test_config_files_first_then_overrides_and_broken_files(tmp_path):
 @pytest.mark.parametrize("arg, message", [
     ("--log_interval=0", "--log_interval=0 must be > 0"), ("--grad_clip=-1.0", "--grad_clip=-1.0 must be >= 0"),
     ("--warmup_frac=1.5", r"--warmup_frac=1.5 must be in \[0, 1\)"), ("--seed=-1", r"--seed=-1 must be in \[0, 2\*\*31\)"),
-    ("--device=gpu", "--device='gpu': use auto, cpu or cuda"), ("--chinchilla=-1", "a data budget > 0")])
+    ("--device=gpu", "device 'gpu' is not a device name: use auto, cpu, cuda or cuda:N"),
+    ("--chinchilla=-1", "a data budget > 0")])
 def test_out_of_range_values_are_one_line(arg, message):
     with pytest.raises(SystemExit, match=message):
         train.main([arg])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu0", "'gpu0' is not a device name"), ("", "'' is not a device name"),
+    ("xpu", "'xpu': ROT5 runs on cpu or cuda"), ("meta", "'meta': ROT5 runs on cpu or cuda"),
+    ("cuda:99", f"'cuda:99': this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")])
+def test_resolve_device_errors_name_the_device(name, message):
+    """train.py, finetune.py and sample.py share one check: a wrong device is one line, before any work."""
+    with pytest.raises(SystemExit) as e:
+        train.resolve_device(name)
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_resolve_device_auto_and_local_rank():
+    assert train.resolve_device("cpu") == torch.device("cpu")
+    assert train.resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.device_count() >= 2:
+        assert train.resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    else:  # no second GPU: "cuda" for LOCAL_RANK 1 must not silently share GPU 0
+        with pytest.raises(SystemExit, match="'cuda': this PyTorch sees"):
+            train.resolve_device("cuda", local_rank=1)
 
 
 def test_a_new_run_never_overwrites_a_checkpoint(tmp_path, sample_data):
