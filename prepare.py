@@ -64,7 +64,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence

@@ -291,21 +291,10 @@ def finetune_argv(*extra: str) -> list[str]:
             f"--encoder_len={ENCODER_LEN}", "--eval_pairs=1", "--eval_batch_size=1", *extra]
 
 
-def test_finetune_skips_non_finite_steps(run, monkeypatch):
+def test_finetune_skips_non_finite_steps(run, monkeypatch, nan_losses):
     """As train.py: a NaN loss skips its update (the weights stay finite), max_bad_steps in a row stop the run."""
     monkeypatch.chdir(run["dir"])
-    forward, calls, poisoned = ROT5.forward, {"n": 0}, set()
-
-    def nan_forward(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] in poisoned:
-                return out._replace(loss=out.loss * float("nan"))
-        return out
-
-    monkeypatch.setattr(ROT5, "forward", nan_forward)
-    poisoned.add(3)  # the first micro-batch of step 2 of 3 (the config accumulates 2 x 1 pairs)
+    nan_losses.reset({3})  # the first micro-batch of step 2 of 3 (the config accumulates 2 x 1 pairs)
     with contextlib.redirect_stdout(io.StringIO()):
         finetune.main(finetune_argv("--out_dir=ft_nan", "--epochs=3.0", "--log_interval=1"))
     events = read_jsonl(run["dir"] / "ft_nan" / "metrics.jsonl")
@@ -313,8 +302,7 @@ def test_finetune_skips_non_finite_steps(run, monkeypatch):
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 3]
     assert all(torch.isfinite(v).all() for v in load_model("ft_nan/ckpt.pt", "cpu")[0].state_dict().values())
 
-    calls["n"] = 0
-    poisoned.update(range(1, 100))
+    nan_losses.reset(range(1, 100))
     with contextlib.redirect_stdout(io.StringIO()), \
             pytest.raises(SystemExit, match=r"2 non-finite steps in a row \(up to step 2\)"):
         finetune.main(finetune_argv("--out_dir=ft_nan_stop", "--epochs=3.0", "--max_bad_steps=2"))

@@ -145,21 +145,9 @@ def test_torchelastic_restart_resumes_by_itself(tmp_path, sample_data, monkeypat
         train.main(args + ["--d_ff=256"])
 
 
-def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch):
+def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch, nan_losses):
     """A NaN loss at step 2: no update there, training goes on; max_bad_steps in a row stop the run, and no
     checkpoint ever holds non-finite weights."""
-    forward = ROT5.forward
-    calls = {"n": 0}
-    poisoned = set()
-
-    def nan_forward(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] in poisoned:
-                return out._replace(loss=out.loss * float("nan"))
-        return out
-
     saved = {}
     real_save = train.save_checkpoint
 
@@ -168,10 +156,9 @@ def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch):
                              float(obj["optimizer"]["state"][0]["step"]))  # AdamW's step count
         real_save(path, obj)
 
-    monkeypatch.setattr(ROT5, "forward", nan_forward)
     monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
     args = TINY + [steps_arg(sample_data, 4, 4), "--batch_size=4", "--micro_batch_size=2", "--eval_interval=1"]
-    poisoned.update({3})  # micro-batch 1 of step 2 (2 per step): the step's loss is NaN
+    nan_losses.reset({3})  # micro-batch 1 of step 2 (2 per step): the step's loss is NaN
     train.main(args + [f"--out_dir={tmp_path / 'skip'}"])
     skips = events(tmp_path / "skip", "skip")
     assert [e["step"] for e in skips] == [2] and math.isnan(skips[0]["loss"])
@@ -181,9 +168,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch):
     assert saved[3][1] == saved[1][1] + 1
     assert all(torch.isfinite(v).all() for v in saved[4][0].values())
 
-    calls["n"] = 0
-    poisoned.clear()
-    poisoned.update(range(3, 100))  # every step from step 2 on
+    nan_losses.reset(range(3, 100))  # every step from step 2 on
     saved.clear()
     with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(up to step 4\).*last good state \(step 3\)"):
         train.main(args + [f"--out_dir={tmp_path / 'stop'}", "--max_bad_steps=3"])
