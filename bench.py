@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import prepare
+import train
 import ul2
 from model import ROT5, ROT5Config
 from tokenizer import get_tokenizer, mistral_model_file
@@ -54,7 +55,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES = os.path.join(HERE, "data", "sample", "stories.txt")
 SECTIONS = "abcdef"
 SEED_PRETRAIN_TOKENS = 2 * 684_805_492  # the seed's Chinchilla run: 2 epochs of TinyStories-Instruct (1.37B)
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 TARGETS = {"train_t5": 1.3, "train_mini": 1.5, "greedy_t5": 3.0, "beam_t5": 2.0}  # ROT5 / HF speed, on the CPU
 
 
@@ -467,10 +467,9 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
 def peak_flops(args, device: torch.device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    if device.type != "cuda" or args.dtype != "bfloat16":
+    if args.dtype != "bfloat16":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return train.device_peak_flops(device) or None  # the bf16 dense peak of a known GPU (train.PEAK_FLOPS)
 
 
 def target(args, key: str) -> float | None:
@@ -502,9 +501,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--markdown", action="store_true", help="print the final table as markdown")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no GPU (CPU build of torch?): run with --device cpu")
+    device = train.resolve_device(args.device)
     default = "abcdef" if device.type == "cuda" or args.quick else "abcde"
     sections = args.only.replace(",", "") if args.only else default
     if not sections or set(sections) - set(SECTIONS):
