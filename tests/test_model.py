@@ -197,6 +197,35 @@ def test_moe_top2_gates_are_renormalised_and_router_gets_gradient():
     assert model.encoder.layers[1].ffn.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_skipping_padding_equals_the_padded_layout(variant, monkeypatch):
+    """Training skips padding (Packed) in eager mode; under torch.compile (GPU runs) the padded (B, T) layout
+    is kept. Both must give the same losses, router statistics and gradients, also with the extra padding
+    of fixed-shape batches (ul2 static_shapes)."""
+    torch.manual_seed(0)
+    model = ROT5(tiny(**VARIANTS[variant]))
+    x, am, labels = real_batch()
+    pad = model.cfg.pad_token_id
+    x, am, labels = F.pad(x, (0, 5), value=pad), F.pad(am, (0, 5)), F.pad(labels, (0, 4), value=-100)
+
+    def run(padded_layout: bool):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: padded_layout)
+        model.zero_grad()
+        out = model(x, am, labels=labels)
+        (out.loss + out.aux_loss + out.z_loss).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (packed, packed_grads), (padded, padded_grads) = run(False), run(True)
+    for name in ("loss", "aux_loss", "z_loss", "expert_load"):
+        a, b = getattr(packed, name), getattr(padded, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert packed_grads.keys() == padded_grads.keys()
+    for n in packed_grads:
+        torch.testing.assert_close(packed_grads[n], padded_grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_labels_path_gathers_label_positions():
     torch.manual_seed(0)
     model = ROT5(tiny(ffn="gated-gelu", tie_embeddings=False)).eval()

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -176,6 +177,26 @@ def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch, nan_
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "stop" / "ckpt.pt"))
     assert ckpt["step"] == 3
     assert_same_params(ckpt["model"], saved[1][0], atol=0.0)  # the weights of the last real update
+
+
+def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch):
+    """tok/s (and MFU) measure training: a slow evaluation (and checkpoint) inside a log interval is left out."""
+    real_validation_loss, calls = train.validation_loss, []
+
+    def slow_validation_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after step 1 (the first one is at step 0)
+            time.sleep(2.0)
+        return real_validation_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validation_loss", slow_validation_loss)
+    out = tmp_path / "clock"
+    train.main(TINY + [steps_arg(sample_data, 2, 4), "--batch_size=4", "--micro_batch_size=4", "--log_interval=2",
+                       "--eval_interval=1", f"--out_dir={out}"])
+    (event,) = events(out, "train")  # steps 1-2, with the step-1 evaluation (2 s) between them
+    assert event["step"] == 2
+    # with the evaluation counted, tok/s would be below tokens / 2 s
+    assert event["tok_per_s"] > event["tokens"] / 1.0, event
 
 
 # ---------------------------------------------------------------------------------------------------------
