@@ -41,7 +41,7 @@ Usage:
     python ablation.py --scale full --micro_batch_size=15  # any other --key=value goes to every train.py run
 
 Re-running is resume-friendly: a run whose final metrics exist (its ablation.json holds a result) is
-skipped; an interrupted pre-training continues from its checkpoint (train.py --resume); a run directory
+skipped; an interrupted run continues from its checkpoint (train.py or finetune.py --resume); a run directory
 written with other settings is refused (use another --out). Each run's directory is exactly what train.py
 or finetune.py writes (ckpt.pt, metrics.jsonl, predictions.jsonl), so every number here can be re-derived.
 
@@ -140,14 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"{args.scale} scale: pre-training {len(variants)} variants into {args.out}")
     for i, v in enumerate(variants, 1):
         argv, config = runs[v.name]
-        run_once(os.path.join(args.out, v.name), config, train.main, argv, resumable=True,
+        run_once(os.path.join(args.out, v.name), config, train.main, argv,
                  what=f"pre-training {v.name} ({i}/{len(variants)}): python train.py")
 
     pre = {v.name: pretrain_row(v, os.path.join(args.out, v.name), runs[v.name][1]) for v in variants}
     tuned = finetune_choice(pre)
     for name in tuned:
         argv, config = finetune_args(name, args.scale, args.out, runs[name][1])
-        run_once(os.path.join(args.out, f"{name}_summary"), config, finetune.main, argv, resumable=False,
+        run_once(os.path.join(args.out, f"{name}_summary"), config, finetune.main, argv,
                  what=f"fine-tuning {name}: python finetune.py")
     post = {name: finetune_row(name, os.path.join(args.out, f"{name}_summary")) for name in tuned}
 
@@ -229,15 +229,16 @@ def finetune_args(name: str, scale: str, out: str, pre_config: dict) -> tuple[li
     return argv, configure(finetune.DEFAULTS, argv)
 
 
-def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict], argv: list[str], resumable: bool,
+def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict], argv: list[str],
              what: str) -> None:
     """script_main(argv) (train.main or finetune.main) unless run_dir/ablation.json holds a result for this config;
     `what` and the equivalent command line are printed when it runs.
 
     ablation.json = {"config": the resolved config, "result": the script's return value (null while running),
     "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation.
-    wall_s adds up every invocation that worked on the run: a resumed pre-training counts the time before the
-    interruption too (what it cost, including the steps redone after the last checkpoint)."""
+    An interrupted run continues from its last checkpoint (train.py and finetune.py check it is the same model
+    and run). wall_s adds up every invocation that worked on the run: what it cost, including the steps redone
+    after the last checkpoint."""
     state_path = os.path.join(run_dir, "ablation.json")
     comparable = {k: v for k, v in config.items() if k not in OWN_KEYS}
     spent = 0.0  # seconds earlier, interrupted invocations spent on this run
@@ -255,11 +256,9 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
         spent = state.get("wall_s") or 0.0
     say(f"{what} {' '.join(map(shown, argv))}")
     os.makedirs(run_dir, exist_ok=True)
-    # an interrupted pre-training continues from its last checkpoint (train.py checks it is the same model)
-    resume = resumable and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+    resume = os.path.exists(os.path.join(run_dir, "ckpt.pt"))
     if resume:
         say(f"{run_dir}: resuming from its checkpoint")
-    spent = spent if resume else 0.0  # a run that starts over (fine-tuning) costs only its last invocation
     write_json(state_path, {"config": comparable, "result": None, "wall_s": spent})
     t0, result = time.perf_counter(), None
     try:

@@ -10,6 +10,7 @@ Usage:
     python prepare.py tinystories_instruct              # once: download + tokenize the (story, summary) pairs
     python finetune.py config/finetune_summary.py       # init_from = "out/rot5_mini/ckpt.pt"
     python finetune.py config/finetune_summary.py --init_from=out/rot5_base_gqa/ckpt.pt --num_beams=4
+    python finetune.py config/finetune_summary.py --resume=True     # continue an interrupted run from out_dir
 
     python prepare.py sample && python prepare.py sample_instruct
     python train.py config/sample_cpu.py                # a small model pre-trained on the bundled sample (CPU)
@@ -30,7 +31,8 @@ the same checkpoint can still be asked (by sample.py) to continue a story, and o
 
 Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
 metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
-and predictions.jsonl (story, reference, prediction of the last evaluation).
+and predictions.jsonl (story, reference, prediction of the last evaluation). A new run refuses an out_dir
+that holds a checkpoint; `--resume=True` continues it from its last evaluation, exactly as if uninterrupted.
 ROUGE-L is the rouge-score package's F-measure x 100 (stemming on), averaged over validation pairs; the
 lead-1 baseline (the story's first sentence as its summary) is reported beside it for context.
 Single process (the fine-tuning set is small next to pre-training); config keys as in train.py:
@@ -52,7 +54,7 @@ import torch
 from rouge_score import rouge_scorer
 
 import prepare
-from checkpoint import load_model, random_states, save_checkpoint
+from checkpoint import load_checkpoint, load_model, random_states, save_checkpoint, set_random_states
 from configurator import check_ranges, configure
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
@@ -81,6 +83,7 @@ DEFAULTS: dict = dict(
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
     log_interval=50,
     seed=1337,
+    resume=False,                       # continue out_dir/ckpt.pt (written at every evaluation)
     device="auto",                      # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N"
 )
 TASK_PREFIX = "Summarize:"
@@ -97,6 +100,10 @@ def main(argv: list[str]) -> dict:
     # bf16 autocast on CUDA as in pre-training; fp32 on CPU, where bf16 matmuls are slow and inexact.
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if os.path.exists(ckpt_path) and not cfg["resume"]:  # never overwrite a fine-tuned model by starting again
+        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
+                         "another --out_dir (or delete it)")
     os.makedirs(cfg["out_dir"], exist_ok=True)
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
@@ -133,15 +140,24 @@ def main(argv: list[str]) -> dict:
     order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
 
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    open(metrics_path, "w").close()  # one run per out_dir: start the log afresh
-    truncated, bad_in_a_row = 0, 0  # training stories cut to encoder_len so far; non-finite steps in a row
+    start_step, truncated, last_eval = 0, 0, {}  # truncated: training stories cut to encoder_len so far
+    if cfg["resume"]:
+        start_step, last_eval = resume_from(ckpt_path, cfg, model, optimizer)
+        truncated = last_eval["train_truncated"]
+        print(f"resuming {ckpt_path} at step {start_step}")
+    # keep the events up to the checkpoint (a crashed run may have logged steps past it); a new run starts afresh
+    events = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step] \
+        if start_step and os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as f:
+        f.writelines(events)
+    bad_in_a_row = 0  # non-finite steps in a row
     since_log = {"loss": 0.0, "tokens": 0, "steps": 0}
-    last_eval: dict = {}
     t_log = time.perf_counter()
     model.train()
-    for step in range(steps + 1):  # step = optimizer updates done so far
+    for step in range(start_step, steps + 1):  # step = optimizer updates done so far
         # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
-        if step % cfg["eval_interval"] == 0 or step == steps:
+        # (a resumed run's first step was evaluated and saved before the interruption)
+        if (step % cfg["eval_interval"] == 0 or step == steps) and not (cfg["resume"] and step == start_step):
             t_eval = time.perf_counter()
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
@@ -150,7 +166,7 @@ def main(argv: list[str]) -> dict:
             print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
                   f"{last_eval['val_truncated']} stories cut to encoder_len={cfg['encoder_len']}")
-            save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {
+            save_checkpoint(ckpt_path, {
                 "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                 "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
                 "rng": random_states(), "metrics": last_eval})
@@ -295,6 +311,27 @@ def until_eos(ids: list[int], eos_id: int) -> list[int]:
 
 # -----------------------------------------------------------------------------
 # small helpers
+
+def resume_from(ckpt_path: str, cfg: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load a finetune.py checkpoint into model and optimizer and restore the random generators, so the run
+    continues exactly as an uninterrupted one would (the pair order depends on the seed alone). Returns
+    (the checkpoint's step, its evaluation)."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["kind"] != "finetune":
+        raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume fine-tuning from a finetune.py one")
+    if ckpt["model_config"] != dataclasses.asdict(model.cfg):
+        diff = sorted(k for k, v in dataclasses.asdict(model.cfg).items() if ckpt["model_config"].get(k) != v)
+        raise SystemExit(f"{ckpt_path} holds another model than {cfg['init_from']} with dropout={cfg['dropout']} "
+                         f"({', '.join(diff)} differ): resume with the config that wrote it, or use a new out_dir")
+    changed = sorted(k for k in ("init_from", "dataset", "train_pairs", "epochs", "batch_size", "learning_rate",
+                                 "warmup_frac", "encoder_len", "decoder_len", "seed") if ckpt["config"].get(k) != cfg[k])
+    if changed:
+        print(f"warning: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_random_states(ckpt["rng"])
+    return ckpt["step"], ckpt["metrics"]
+
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
     """Fine-tuning's dropout, whatever pre-training used: attention reads the (shared) config, the rest are modules."""

@@ -123,32 +123,25 @@ def test_bad_input_is_one_clear_line():
 
 
 def test_wall_time_adds_up_interrupted_invocations(tmp_path, monkeypatch):
-    """A pre-training interrupted after 30 s and resumed for 20 s cost 50 s; fine-tuning starts over, so only
-    its last invocation counts."""
+    """A run interrupted after 30 s (with a checkpoint) and resumed for 20 s cost 50 s."""
     clock = {"t": 0.0}
     monkeypatch.setattr(ablation.time, "perf_counter", lambda: clock["t"])
+    run_dir = tmp_path / "run"
 
     def script(seconds: float, crash: bool):
         def script_main(argv):
-            (tmp_path / "run" / "ckpt.pt").write_bytes(b"")  # a checkpoint to resume from
+            (run_dir / "ckpt.pt").write_bytes(b"")  # a checkpoint to resume from
             clock["t"] += seconds
             if crash:
                 raise KeyboardInterrupt
             return {"argv": argv}
         return script_main
 
-    def wall(run_dir):
-        return json.loads((run_dir / "ablation.json").read_text())["wall_s"]
+    def state() -> dict:
+        return json.loads((run_dir / "ablation.json").read_text())
 
-    config = {"d_model": 64}
-    for resumable, expected in ((True, 50.0), (False, 20.0)):
-        run_dir = tmp_path / "run"
-        for p in run_dir.glob("*"):
-            p.unlink()
-        with pytest.raises(KeyboardInterrupt):
-            ablation.run_once(str(run_dir), config, script(30.0, crash=True), [], resumable, "test")
-        assert wall(run_dir) == 30.0
-        ablation.run_once(str(run_dir), config, script(20.0, crash=False), [], resumable, "test")
-        assert wall(run_dir) == expected, resumable
-        state = json.loads((run_dir / "ablation.json").read_text())
-        assert state["result"] == {"argv": ["--resume=True"] if resumable else []}
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_once(str(run_dir), {"d_model": 64}, script(30.0, crash=True), [], "test")
+    assert state() == {"config": {"d_model": 64}, "result": None, "wall_s": 30.0}
+    ablation.run_once(str(run_dir), {"d_model": 64}, script(20.0, crash=False), [], "test")
+    assert state() == {"config": {"d_model": 64}, "result": {"argv": ["--resume=True"]}, "wall_s": 50.0}

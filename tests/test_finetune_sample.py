@@ -318,3 +318,37 @@ def test_finetune_refuses_data_of_another_tokenizer_and_a_bad_device(run, monkey
     monkeypatch.setattr(prepare, "load_meta", real_load_meta)
     with pytest.raises(SystemExit, match="device 'tpu' is not a device name"):
         finetune.main(finetune_argv("--out_dir=ft_dev", "--device=tpu"))
+
+
+def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypatch):
+    """A run killed at step 3 and resumed from its step-2 checkpoint ends with the very weights of an
+    uninterrupted run (pair order, dropout masks and AdamW state restored); a new run refuses the out_dir."""
+    monkeypatch.chdir(run["dir"])
+    argv = finetune_argv("--epochs=4.0", "--eval_interval=2")  # 4 steps of 2 micro-batches; checkpoints at 0, 2, 4
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.main(argv + ["--out_dir=ft_whole"])
+
+    forward, calls = ROT5.forward, []
+
+    def crash_at_step_3(self, *args, **kwargs):
+        calls.extend([1] if self.training else [])
+        if len(calls) == 5:  # the first micro-batch of step 3
+            raise RuntimeError("killed")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ROT5, "forward", crash_at_step_3)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match="killed"):
+        finetune.main(argv + ["--out_dir=ft_resumed"])
+    monkeypatch.setattr(ROT5, "forward", forward)
+    with pytest.raises(SystemExit, match=r"ft_resumed/ckpt.pt exists: continue that run with --resume=True"):
+        finetune.main(argv + ["--out_dir=ft_resumed"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        finetune.main(argv + ["--out_dir=ft_resumed", "--resume=True"])
+    assert "resuming ft_resumed/ckpt.pt at step 2" in out.getvalue()
+
+    whole, resumed = (load_model(f"{d}/ckpt.pt", "cpu")[0].state_dict() for d in ("ft_whole", "ft_resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    steps = [[(e["event"], e["step"]) for e in read_jsonl(run["dir"] / d / "metrics.jsonl")]
+             for d in ("ft_whole", "ft_resumed")]
+    assert steps[0] == steps[1]  # the log, too, reads as one run
