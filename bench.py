@@ -417,12 +417,15 @@ def bench_prepare(args, setup: Setup, tok, notes: list[str]) -> list[Row]:
 
 def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str]) -> list[Row]:
     """rot5_mini at its config's micro batch: tokens/s, MFU, the seed's pre-training time; MoE vs dense."""
-    B = 2 if args.quick else read_config("rot5_mini.py")["micro_batch_size"]
+    # the config's micro batch (64) on a GPU; on a CPU section a's batch (8): at 64 the fp32 step was killed
+    # out of memory on a 24 GiB machine (attention dropout keeps every (T, T) probability map for backward)
+    config_batch = read_config("rot5_mini.py")["micro_batch_size"]
+    B = 2 if args.quick else config_batch if device.type == "cuda" else setup.train_batch
     batch = ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, B,
                            static_shapes=args.compile).batch(0)
     enc_tok, dec_tok = batch_tokens(batch)
     peak = peak_flops(args, device)
-    notes.append(f"[f] one UL2 batch of {B} stories{'' if args.quick else ' (micro_batch_size of rot5_mini.py)'}: "
+    notes.append(f"[f] one UL2 batch of {B} stories{' (micro_batch_size of rot5_mini.py)' if B == config_batch else ''}: "
                  f"encoder {tuple(batch.input_ids.shape)}, "
                  f"decoder {tuple(batch.labels.shape)}; MFU = model.train_flops (real tokens) / step time / "
                  + (f"{peak / 1e12:g} TFLOP/s peak" if peak else "peak (unknown here: pass --peak-tflops)")
@@ -431,37 +434,38 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
     # recompile the MoE step at every new routing; with --compile the dense model is timed both ways.
     moe = setup.mini_arch | dict(n_experts=8, moe_top_k=1)
     runs = [("dense", setup.mini_arch, args.compile)] + [("dense eager", setup.mini_arch, False)] * args.compile
-    rows, times = [], {}
-    for name, arch, compile in runs + [("moe", moe, False)]:
-        torch.manual_seed(0)
-        model = ROT5(ROT5Config(**arch, vocab_size=tok.vocab_size)).to(device)
+    runs += [("moe", moe, False)]
+    models, fns, memory = {}, {}, {}
+    for name, arch, compile in runs:
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times[name] = median_times({name: train_step_fn(model, batch, False, device, dtype, compile)},
-                                   setup.warmup, setup.iters, device)[name]
-        flops = model.train_flops(enc_tok, dec_tok, batch.input_ids.shape[1], batch.labels.shape[1])
-        extra = [f"MFU {flops / times[name] / peak:.1%}"] if peak else []
+        torch.manual_seed(0)
+        models[name] = ROT5(ROT5Config(**arch, vocab_size=tok.vocab_size)).to(device)
+        fns[name] = train_step_fn(models[name], batch, False, device, dtype, compile)
+        fns[name]()  # the first step allocates the AdamW state (and compiles): its peak is this model's memory
         if device.type == "cuda":
-            extra.append(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-        extra = f" ({', '.join(extra)})" if extra else ""
-        how = "compiled" if compile else "eager"
-        if name == "dense":
-            tps = (enc_tok + dec_tok) / times[name]
-            rows.append(report(Row("f", f"train step, {how}{extra}", f"rot5_mini {n_params(model)}",
-                                   f"{tps:,.0f} tok/s, {times[name] * 1e3:,.0f} ms", "", None, None)))
-            rows.append(report(Row("f", f"seed pre-training, {SEED_PRETRAIN_TOKENS / 1e9:.2f}B tokens", "rot5_mini",
-                                   f"{SEED_PRETRAIN_TOKENS / tps / 3600:,.1f} h", "", None, None)))
-        elif name == "moe":
-            # top-1: a token passes through the router and ONE expert, which has the dense FFN's shape
-            active = sum(p.numel() for n, p in model.named_parameters() if not re.search(r"\.experts\.[1-9]", n))
-            dense = times["dense eager" if args.compile else "dense"]
-            rows.append(report(Row("f", f"train step, MoE vs dense, {how}{extra}",
-                                   f"rot5_mini + Switch 8 experts top-1 ({n_params(model)}, "
-                                   f"{active / 1e6:.1f}M active)",
-                                   f"{times[name] * 1e3:,.0f} ms", f"{dense * 1e3:,.0f} ms (dense)",
-                                   dense / times[name], None)))
-        del model
-    return rows
+            memory[name] = torch.cuda.max_memory_allocated(device) - base
+    times = median_times(fns, setup.warmup, setup.iters, device)  # alternating, like every other section
+
+    def extra(name: str) -> str:
+        flops = models[name].train_flops(enc_tok, dec_tok, batch.input_ids.shape[1], batch.labels.shape[1])
+        parts = [f"MFU {flops / times[name] / peak:.1%}"] if peak else []
+        parts += [f"peak memory {memory[name] / 2**30:.1f} GiB"] if name in memory else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    how = "compiled" if args.compile else "eager"
+    tps = (enc_tok + dec_tok) / times["dense"]
+    # top-1: a token passes through the router and ONE expert, which has the dense FFN's shape
+    active = sum(p.numel() for n, p in models["moe"].named_parameters() if not re.search(r"\.experts\.[1-9]", n))
+    dense = times["dense eager" if args.compile else "dense"]
+    return [report(Row("f", f"train step, {how}{extra('dense')}", f"rot5_mini {n_params(models['dense'])}",
+                       f"{tps:,.0f} tok/s, {times['dense'] * 1e3:,.0f} ms", "", None, None)),
+            report(Row("f", f"seed pre-training, {SEED_PRETRAIN_TOKENS / 1e9:.2f}B tokens", "rot5_mini",
+                       f"{SEED_PRETRAIN_TOKENS / tps / 3600:,.1f} h", "", None, None)),
+            report(Row("f", f"train step, MoE vs dense, eager{extra('moe')}",
+                       f"rot5_mini + Switch 8 experts top-1 ({n_params(models['moe'])}, {active / 1e6:.1f}M active)",
+                       f"{times['moe'] * 1e3:,.0f} ms", f"{dense * 1e3:,.0f} ms (dense)", dense / times["moe"], None))]
 
 
 def peak_flops(args, device: torch.device) -> float | None:
