@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -180,23 +179,31 @@ def test_non_finite_loss_skips_the_step(tmp_path, sample_data, monkeypatch, nan_
 
 
 def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch):
-    """tok/s (and MFU) measure training: a slow evaluation (and checkpoint) inside a log interval is left out."""
-    real_validation_loss, calls = train.validation_loss, []
+    """tok/s (and MFU) measure training: an evaluation (and checkpoint) inside a log interval is left out.
+    A fake clock makes this exact whatever the machine's load: every reading advances it by 1 s, and the
+    evaluation after step 1 by 1000 s more."""
+    clock, evaluations = {"t": 0.0}, []
+    real_validation_loss = train.validation_loss
+
+    def perf_counter() -> float:
+        clock["t"] += 1.0
+        return clock["t"]
 
     def slow_validation_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the evaluation after step 1 (the first one is at step 0)
-            time.sleep(2.0)
+        evaluations.append(1)
+        if len(evaluations) == 2:  # the evaluation after step 1 (the first one is at step 0)
+            clock["t"] += 1000.0
         return real_validation_loss(*args, **kwargs)
 
+    monkeypatch.setattr(train.time, "perf_counter", perf_counter)
     monkeypatch.setattr(train, "validation_loss", slow_validation_loss)
     out = tmp_path / "clock"
     train.main(TINY + [steps_arg(sample_data, 2, 4), "--batch_size=4", "--micro_batch_size=4", "--log_interval=2",
                        "--eval_interval=1", f"--out_dir={out}"])
-    (event,) = events(out, "train")  # steps 1-2, with the step-1 evaluation (2 s) between them
+    (event,) = events(out, "train")  # steps 1-2, with the step-1 evaluation (1000 s) between them
     assert event["step"] == 2
-    # with the evaluation counted, tok/s would be below tokens / 2 s
-    assert event["tok_per_s"] > event["tokens"] / 1.0, event
+    # counted, the evaluation alone would put tok/s below tokens / 1000 s; left out, a few clock readings remain
+    assert event["tok_per_s"] > event["tokens"] / 10.0, event
 
 
 # ---------------------------------------------------------------------------------------------------------
