@@ -32,7 +32,10 @@ the same checkpoint can still be asked (by sample.py) to continue a story, and o
 Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
 metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
 and predictions.jsonl (story, reference, prediction of the last evaluation). A new run refuses an out_dir
-that holds a checkpoint; `--resume=True` continues it from its last evaluation, exactly as if uninterrupted.
+that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
+uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
+the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
+any MoE losses), "lm_loss" (comparable with val_loss) and grad_norm, averaged over the updates since the last one.
 ROUGE-L is the rouge-score package's F-measure x 100 (stemming on), averaged over validation pairs; the
 lead-1 baseline (the story's first sentence as its summary) is reported beside it for context.
 Single process (the fine-tuning set is small next to pre-training); config keys as in train.py:
@@ -104,6 +107,9 @@ def main(argv: list[str]) -> dict:
     if os.path.exists(ckpt_path) and not cfg["resume"]:  # never overwrite a fine-tuned model by starting again
         raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
                          "another --out_dir (or delete it)")
+    if cfg["resume"] and not os.path.exists(ckpt_path):
+        raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
+                         "(or fix --out_dir)")
     os.makedirs(cfg["out_dir"], exist_ok=True)
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
@@ -147,11 +153,11 @@ def main(argv: list[str]) -> dict:
         print(f"resuming {ckpt_path} at step {start_step}")
     # keep the events up to the checkpoint (a crashed run may have logged steps past it); a new run starts afresh
     events = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step] \
-        if start_step and os.path.exists(metrics_path) else []
+        if cfg["resume"] and os.path.exists(metrics_path) else []
     with open(metrics_path, "w") as f:
         f.writelines(events)
     bad_in_a_row = 0  # non-finite steps in a row
-    since_log = {"loss": 0.0, "tokens": 0, "steps": 0}
+    since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
     t_log = time.perf_counter()
     model.train()
     for step in range(start_step, steps + 1):  # step = optimizer updates done so far
@@ -179,7 +185,7 @@ def main(argv: list[str]) -> dict:
             group["lr"] = lr
         idx = order[step * cfg["batch_size"]:(step + 1) * cfg["batch_size"]]  # (<= batch_size,) pair indices
         micro_batches = [idx[i:i + cfg["micro_batch_size"]] for i in range(0, len(idx), cfg["micro_batch_size"])]
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_lm_loss, step_tokens = 0.0, 0.0, 0
         for micro_idx in micro_batches:  # fewer than accum only on the last step of a fractional epoch
             batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"])
             truncated += cut
@@ -189,13 +195,14 @@ def main(argv: list[str]) -> dict:
                 loss = out.loss + out.aux_loss + out.z_loss  # plus the MoE balancing / z-losses (0 if dense)
             (loss / len(micro_batches)).backward()
             step_loss += loss.item() / len(micro_batches)
+            step_lm_loss += out.loss.item() / len(micro_batches)  # comparable with val_loss (MoE: without aux/z)
             step_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
         grad_norm, updated = guarded_step(model, optimizer, cfg["grad_clip"], step_loss)  # as train.py
         if updated:
             bad_in_a_row = 0
-            since_log["loss"] += step_loss
-            since_log["tokens"] += step_tokens
-            since_log["steps"] += 1
+            for key, value in (("loss", step_loss), ("lm_loss", step_lm_loss), ("grad_norm", grad_norm),
+                               ("tokens", step_tokens), ("steps", 1)):
+                since_log[key] += value
         else:
             bad_in_a_row += 1
             log(metrics_path, {"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
@@ -207,11 +214,13 @@ def main(argv: list[str]) -> dict:
 
         if ((step + 1) % cfg["log_interval"] == 0 or step + 1 == steps) and since_log["steps"]:
             dt = time.perf_counter() - t_log
-            event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / since_log["steps"], "lr": lr,
-                     "grad_norm": grad_norm, "tok_per_s": since_log["tokens"] / dt, "train_truncated": truncated}
+            n = since_log["steps"]  # updates made since the last log (skipped steps are not averaged in)
+            event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / n, "lm_loss": since_log["lm_loss"] / n,
+                     "lr": lr, "grad_norm": since_log["grad_norm"] / n, "tok_per_s": since_log["tokens"] / dt,
+                     "train_truncated": truncated}
             log(metrics_path, event)
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s")
-            since_log, t_log = {"loss": 0.0, "tokens": 0, "steps": 0}, time.perf_counter()
+            since_log, t_log = dict.fromkeys(since_log, 0.0), time.perf_counter()
 
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
           f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "

@@ -228,6 +228,9 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         # checkpoint would otherwise make a torchrun restart resume the old one.
         raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
                          "another --out_dir (or delete it)")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
+                         "(or fix --out_dir)")
     start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
     if resuming[0]:
         ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
@@ -446,9 +449,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise SystemExit(f"device {name!r}: ROT5 runs on cpu or cuda; {fix}")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None else device.index)
-        if device.index >= torch.cuda.device_count():
-            raise SystemExit(f"device {name!r}: this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
-                             f"(torch {torch.__version__}); use cpu, or a GPU that exists")
+        if device.index >= torch.cuda.device_count():  # (under torchrun, "cuda" is GPU LOCAL_RANK)
+            raise SystemExit(f"device {name!r} is {device}, but this PyTorch sees {torch.cuda.device_count()} CUDA "
+                             f"GPU(s) (torch {torch.__version__}); use cpu, or a GPU that exists")
     return device
 
 

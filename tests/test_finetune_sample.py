@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -296,10 +297,11 @@ def test_finetune_skips_non_finite_steps(run, monkeypatch, nan_losses):
     monkeypatch.chdir(run["dir"])
     nan_losses.reset({3})  # the first micro-batch of step 2 of 3 (the config accumulates 2 x 1 pairs)
     with contextlib.redirect_stdout(io.StringIO()):
-        finetune.main(finetune_argv("--out_dir=ft_nan", "--epochs=3.0", "--log_interval=1"))
+        finetune.main(finetune_argv("--out_dir=ft_nan", "--epochs=3.0", "--log_interval=3"))
     events = read_jsonl(run["dir"] / "ft_nan" / "metrics.jsonl")
     assert [e["step"] for e in events if e["event"] == "skip"] == [2]
-    assert [e["step"] for e in events if e["event"] == "train"] == [1, 3]
+    (logged,) = [e for e in events if e["event"] == "train"]  # steps 1-3: the means of the 2 updates made
+    assert logged["step"] == 3 and math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
     assert all(torch.isfinite(v).all() for v in load_model("ft_nan/ckpt.pt", "cpu")[0].state_dict().values())
 
     nan_losses.reset(range(1, 100))
@@ -349,6 +351,27 @@ def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypa
 
     whole, resumed = (load_model(f"{d}/ckpt.pt", "cpu")[0].state_dict() for d in ("ft_whole", "ft_resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    steps = [[(e["event"], e["step"]) for e in read_jsonl(run["dir"] / d / "metrics.jsonl")]
-             for d in ("ft_whole", "ft_resumed")]
-    assert steps[0] == steps[1]  # the log, too, reads as one run
+    logs = [[(e["event"], e["step"], e.get("loss"), e.get("val_loss"), e.get("rougeL"))
+             for e in read_jsonl(run["dir"] / d / "metrics.jsonl")] for d in ("ft_whole", "ft_resumed")]
+    assert logs[0] == logs[1]  # the log, too, reads as one run (the config logs every step)
+
+
+def test_finetune_resume_errors_and_a_step_0_checkpoint(run, monkeypatch):
+    monkeypatch.chdir(run["dir"])
+    with pytest.raises(SystemExit, match=r"--resume=True but nothing/ckpt.pt does not exist: nothing to resume"):
+        finetune.main(finetune_argv("--out_dir=nothing", "--resume=True"))
+    forward = ROT5.forward
+
+    def crash_when_training(self, *args, **kwargs):
+        if self.training:
+            raise RuntimeError("killed")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ROT5, "forward", crash_when_training)  # killed after the step-0 evaluation
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(RuntimeError, match="killed"):
+        finetune.main(finetune_argv("--out_dir=ft_step0", "--epochs=1.0"))
+    monkeypatch.setattr(ROT5, "forward", forward)
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.main(finetune_argv("--out_dir=ft_step0", "--epochs=1.0", "--resume=True"))
+    events = read_jsonl(run["dir"] / "ft_step0" / "metrics.jsonl")
+    assert [(e["event"], e["step"]) for e in events] == [("eval", 0), ("train", 1), ("eval", 1)]

@@ -305,7 +305,7 @@ def test_out_of_range_values_are_one_line(arg, message):
 @pytest.mark.parametrize("name, message", [
     ("gpu0", "'gpu0' is not a device name"), ("", "'' is not a device name"),
     ("xpu", "'xpu': ROT5 runs on cpu or cuda"), ("meta", "'meta': ROT5 runs on cpu or cuda"),
-    ("cuda:99", f"'cuda:99': this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")])
+    ("cuda:99", f"'cuda:99' is cuda:99, but this PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")])
 def test_resolve_device_errors_name_the_device(name, message):
     """train.py, finetune.py and sample.py share one check: a wrong device is one line, before any work."""
     with pytest.raises(SystemExit) as e:
@@ -319,8 +319,13 @@ def test_resolve_device_auto_and_local_rank():
     if torch.cuda.device_count() >= 2:
         assert train.resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
     else:  # no second GPU: "cuda" for LOCAL_RANK 1 must not silently share GPU 0
-        with pytest.raises(SystemExit, match="'cuda': this PyTorch sees"):
+        with pytest.raises(SystemExit, match="'cuda' is cuda:1, but this PyTorch sees"):
             train.resolve_device("cuda", local_rank=1)
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"--resume=True but .*nothing/ckpt.pt does not exist: nothing to resume"):
+        train.main(TINY + [f"--out_dir={tmp_path / 'nothing'}", "--resume=True"])
 
 
 def test_a_new_run_never_overwrites_a_checkpoint(tmp_path, sample_data):
