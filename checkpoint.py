@@ -16,7 +16,9 @@ opening a checkpoint never runs code from it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
 import random
 
 import numpy as np
@@ -91,6 +93,52 @@ def load_model(path: str, device: str | torch.device = "cpu"):
     if tok.vocab_size != cfg.vocab_size:
         raise SystemExit(f"{path}: tokenizer {tok.name!r} has {tok.vocab_size} ids but the model has vocab_size={cfg.vocab_size}")
     return model.to(device).eval(), tok, ckpt
+
+
+# -- starting and resuming a run (train.py and finetune.py) ---------------------------------------------------
+
+RESUMED_WITH = {"pretrain": "pre-training from a train.py one", "finetune": "fine-tuning from a finetune.py one"}
+
+
+def check_start(ckpt_path: str, resume: bool) -> None:
+    """A new run never overwrites a run's checkpoint; resuming needs one. One line each, before any work."""
+    if not resume and os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
+                         "another --out_dir (or delete it)")
+    if resume and not os.path.exists(ckpt_path):
+        raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
+                         "(or fix --out_dir)")
+
+
+def resume_run(ckpt_path: str, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+               run_keys: tuple[str, ...], warn: Callable[[str], None]) -> tuple[int, dict]:
+    """Load a checkpoint of `kind` into model and optimizer and restore every random generator, so that the run
+    continues as an uninterrupted one would. Refuses another kind of checkpoint or another model; warns
+    (through `warn`) when any of the run's run_keys changed. Returns (the checkpoint's step, its metrics)."""
+    ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
+    if ckpt["kind"] != kind:
+        raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume {RESUMED_WITH[kind]}")
+    model_config = dataclasses.asdict(model.cfg)
+    if ckpt["model_config"] != model_config:
+        diff = sorted(k for k, v in model_config.items() if ckpt["model_config"].get(k) != v)
+        raise SystemExit(f"{ckpt_path} was trained with other model keys ({', '.join(diff)}): resume with the "
+                         "config that wrote it, or use a new out_dir")
+    changed = sorted(k for k in run_keys if ckpt["config"].get(k) != config[k])
+    if changed:
+        warn(f"warning: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_random_states(ckpt["rng"])
+    return ckpt["step"], ckpt["metrics"]
+
+
+def restart_log(metrics_path: str, resumed_step: int | None) -> None:
+    """A run's metrics.jsonl at its start: empty for a new run (resumed_step None); for a resumed one, the
+    events up to its checkpoint's step (a crashed run may have logged steps past it)."""
+    events = [line for line in open(metrics_path) if json.loads(line)["step"] <= resumed_step] \
+        if resumed_step is not None and os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as f:
+        f.writelines(events)
 
 
 def random_states() -> dict:

@@ -57,7 +57,7 @@ import torch
 from rouge_score import rouge_scorer
 
 import prepare
-from checkpoint import load_checkpoint, load_model, random_states, save_checkpoint, set_random_states
+from checkpoint import check_start, load_model, random_states, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
@@ -89,6 +89,9 @@ DEFAULTS: dict = dict(
     resume=False,                       # continue out_dir/ckpt.pt (written at every evaluation)
     device="auto",                      # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N"
 )
+# what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
+RUN_KEYS = ("init_from", "dataset", "train_pairs", "epochs", "batch_size", "learning_rate", "warmup_frac",
+            "encoder_len", "decoder_len", "seed")
 TASK_PREFIX = "Summarize:"
 SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline exercise, not a measurement
 
@@ -104,12 +107,7 @@ def main(argv: list[str]) -> dict:
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if os.path.exists(ckpt_path) and not cfg["resume"]:  # never overwrite a fine-tuned model by starting again
-        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
-                         "another --out_dir (or delete it)")
-    if cfg["resume"] and not os.path.exists(ckpt_path):
-        raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
-                         "(or fix --out_dir)")
+    check_start(ckpt_path, cfg["resume"])  # never overwrite a fine-tuned model by starting again
     os.makedirs(cfg["out_dir"], exist_ok=True)
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
@@ -147,15 +145,11 @@ def main(argv: list[str]) -> dict:
 
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     start_step, truncated, last_eval = 0, 0, {}  # truncated: training stories cut to encoder_len so far
-    if cfg["resume"]:
-        start_step, last_eval = resume_from(ckpt_path, cfg, model, optimizer)
+    if cfg["resume"]:  # the pair order depends on the seed alone: restoring the state is enough
+        start_step, last_eval = resume_run(ckpt_path, "finetune", model, optimizer, cfg, RUN_KEYS, print)
         truncated = last_eval["train_truncated"]
         print(f"resuming {ckpt_path} at step {start_step}")
-    # keep the events up to the checkpoint (a crashed run may have logged steps past it); a new run starts afresh
-    events = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step] \
-        if cfg["resume"] and os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as f:
-        f.writelines(events)
+    restart_log(metrics_path, start_step if cfg["resume"] else None)
     bad_in_a_row = 0  # non-finite steps in a row
     since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
     t_log = time.perf_counter()
@@ -320,27 +314,6 @@ def until_eos(ids: list[int], eos_id: int) -> list[int]:
 
 # -----------------------------------------------------------------------------
 # small helpers
-
-def resume_from(ckpt_path: str, cfg: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load a finetune.py checkpoint into model and optimizer and restore the random generators, so the run
-    continues exactly as an uninterrupted one would (the pair order depends on the seed alone). Returns
-    (the checkpoint's step, its evaluation)."""
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt["kind"] != "finetune":
-        raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume fine-tuning from a finetune.py one")
-    if ckpt["model_config"] != dataclasses.asdict(model.cfg):
-        diff = sorted(k for k, v in dataclasses.asdict(model.cfg).items() if ckpt["model_config"].get(k) != v)
-        raise SystemExit(f"{ckpt_path} holds another model than {cfg['init_from']} with dropout={cfg['dropout']} "
-                         f"({', '.join(diff)} differ): resume with the config that wrote it, or use a new out_dir")
-    changed = sorted(k for k in ("init_from", "dataset", "train_pairs", "epochs", "batch_size", "learning_rate",
-                                 "warmup_frac", "encoder_len", "decoder_len", "seed") if ckpt["config"].get(k) != cfg[k])
-    if changed:
-        print(f"warning: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_random_states(ckpt["rng"])
-    return ckpt["step"], ckpt["metrics"]
-
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
     """Fine-tuning's dropout, whatever pre-training used: attention reads the (shared) config, the rest are modules."""

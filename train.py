@@ -58,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare
-from checkpoint import load_checkpoint, random_states, save_checkpoint, set_random_states
+from checkpoint import check_start, random_states, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from tokenizer import get_tokenizer
@@ -104,6 +104,9 @@ TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") an
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name in order.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("RTX 3090", 71e12), ("RTX 4090", 165e12))
+# what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
+RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "epochs", "max_tokens", "batch_size", "learning_rate",
+            "warmup_frac", "seed")
 EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
 ADAM_EPS = 1e-8           # HF Trainer's default
 
@@ -223,40 +226,16 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     resuming = [cfg.resume or restarted]
     if ddp:  # rank 0 decides; a rank that cannot see its checkpoint (no shared out_dir) then fails clearly
         dist.broadcast_object_list(resuming, src=0)
-    if not resuming[0] and os.path.exists(ckpt_path):
-        # Never overwrite a run by starting another in its out_dir: and a crash of the new run before its first
-        # checkpoint would otherwise make a torchrun restart resume the old one.
-        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
-                         "another --out_dir (or delete it)")
-    if cfg.resume and not os.path.exists(ckpt_path):
-        raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
-                         "(or fix --out_dir)")
+    # Never overwrite a run by starting another in its out_dir: and a crash of the new run before its first
+    # checkpoint would otherwise make a torchrun restart resume the old one.
+    check_start(ckpt_path, resuming[0])
     start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
     if resuming[0]:
-        ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
-        if ckpt["kind"] != "pretrain":
-            raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume pre-training from a train.py one")
-        if ckpt["model_config"] != asdict(model_cfg):
-            diff = sorted(k for k, v in asdict(model_cfg).items() if ckpt["model_config"].get(k) != v)
-            raise SystemExit(f"{ckpt_path} was trained with other model keys ({', '.join(diff)}): resume with the "
-                             "config that wrote it, or use a new out_dir")
-        changed = sorted(k for k in ("dataset", "mixture", "encoder_len", "decoder_len", "epochs", "max_tokens",
-                                     "batch_size", "learning_rate", "warmup_frac", "seed") if ckpt["config"].get(k) != config[k])
-        if changed:
-            say(f"warning: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_random_states(ckpt["rng"])
-        start_step, tokens_seen, last_eval = ckpt["step"], ckpt["metrics"]["tokens"], ckpt["metrics"]
-        saved_step = start_step
-        del ckpt
+        start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say)
+        tokens_seen, saved_step = last_eval["tokens"], start_step
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        # keep the events up to the checkpoint: a crashed run may have logged steps past it
-        events = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step] \
-            if start_step and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(events)
+        restart_log(metrics_path, start_step if resuming[0] else None)
 
     def log(event: dict) -> None:
         if master:
