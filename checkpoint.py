@@ -62,8 +62,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, a foreign pickle, not a torch file at all, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{path} is not a readable checkpoint ({reason[:200]}); was it cut short or written by another program?") from None
+        raise SystemExit(f"{path} is not a readable checkpoint ({first_line(e)[:200]}); was it cut short or written by another program?") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SystemExit(f"{path} is not a ROT5 checkpoint: it lacks {', '.join(missing)} "
@@ -87,8 +86,7 @@ def load_model(path: str, device: str | torch.device = "cpu"):
         model = ROT5(cfg)
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise SystemExit(f"{path}: the weights do not fit its model_config ({first[:300]})") from None
+        raise SystemExit(f"{path}: the weights do not fit its model_config ({first_line(e)[:300]})") from None
     tok = get_tokenizer(ckpt["tokenizer"])
     if tok.vocab_size != cfg.vocab_size:
         raise SystemExit(f"{path}: tokenizer {tok.name!r} has {tok.vocab_size} ids but the model has vocab_size={cfg.vocab_size}")
@@ -139,6 +137,11 @@ def restart_log(metrics_path: str, resumed_step: int | None) -> None:
         if resumed_step is not None and os.path.exists(metrics_path) else []
     with open(metrics_path, "w") as f:
         f.writelines(events)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first line (its type's name if it has none)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def random_states() -> dict:

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import first_line, load_model
 from finetune import summarize_input, until_eos
 from tokenizer import Tokenizer
 from train import resolve_device
@@ -220,11 +220,6 @@ def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer) -> list[int
     for i in body:
         out += spans.get(i, [i]) if i in sentinels else [i]
     return out
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 if __name__ == "__main__":
