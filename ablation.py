@@ -506,10 +506,8 @@ def shown(arg: str) -> str:
 
 
 def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with prepare.atomic_write(path, "w") as f:  # a crash never leaves half a state file
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # a crash never leaves half a state file
 
 
 if __name__ == "__main__":

@@ -331,11 +331,9 @@ def log(path: str, event: dict) -> None:
 
 
 def write_predictions(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with prepare.atomic_write(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
