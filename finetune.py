@@ -188,8 +188,9 @@ def main(argv: list[str]) -> dict:
                 out = model(**batch)
                 loss = out.loss + out.aux_loss + out.z_loss  # plus the MoE balancing / z-losses (0 if dense)
             (loss / len(micro_batches)).backward()
-            step_loss += loss.item() / len(micro_batches)
-            step_lm_loss += out.loss.item() / len(micro_batches)  # comparable with val_loss (MoE: without aux/z)
+            # (one host sync for both; lm is comparable with val_loss: for MoE, without the aux / z losses)
+            total, lm = (torch.stack([loss, out.loss]).detach().float() / len(micro_batches)).tolist()
+            step_loss, step_lm_loss = step_loss + total, step_lm_loss + lm
             step_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
         grad_norm, updated = guarded_step(model, optimizer, cfg["grad_clip"], step_loss)  # as train.py
         if updated:
