@@ -82,7 +82,21 @@ def test_loss_falls_on_the_sample(tmp_path, sample_data):
 
 def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
     """Same global batch, split 2 ranks x 1 micro-step (gloo DDP) or 1 rank x 2 micro-steps: same examples,
-    same dropout, same update."""
+    same dropout, same update -- up to fp32 rounding, which differs because gloo's all-reduce and local
+    accumulation add the gradients in another order (and another CPU, SIMD width or thread count rounds every
+    kernel differently). The bounds below follow from that arithmetic, not from one machine's print-out:
+
+    - loss and gradient norm: each is a sum of O(1e4) fp32 terms, so reordering moves it by far less than
+      1e-5 relative (unit roundoff 6e-8; measured ~1e-7). A wrong accumulation divisor moves the gradient norm
+      by 2x, a skipped micro-batch or a missing all-reduce the loss and norm by ~10-30%.
+    - parameters: AdamW normalises each gradient coordinate, so every coordinate moves by about lr per step
+      whatever its gradient's size, and a rounding change in g moves the update by ~lr * |dg / g|: negligible
+      except for the rare coordinates whose gradient is within rounding of 0, where the step may even flip
+      sign (up to 2 lr). So no max-abs bound holds on every CPU; the root-mean-square difference over all
+      coordinates does: measured 4e-5 x the summed learning rates S with other SIMD kernels
+      (ATEN_CPU_CAPABILITY=default, MKL SSE4_2), ~0.8 S when a rank's micro-batch is lost (94% of the
+      coordinates then differ by over 0.1 S). 1e-2 S sits two orders of magnitude from both.
+    """
     args = TINY + [steps_arg(sample_data, 3, 8), "--batch_size=8", "--micro_batch_size=4", "--eval_interval=100",
                    "--learning_rate=3e-3"]
     train.main(args + [f"--out_dir={tmp_path / 'one'}"])
@@ -93,12 +107,17 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout + proc.stderr
     one, two = events(tmp_path / "one", "train"), events(tmp_path / "two", "train")
-    assert [e["tokens"] for e in one] == [e["tokens"] for e in two]
+    assert [(e["tokens"], e["lr"]) for e in one] == [(e["tokens"], e["lr"]) for e in two]
     for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert_same_params(params(tmp_path / "one"), params(tmp_path / "two"), atol=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    a, b = params(tmp_path / "one"), params(tmp_path / "two")
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    lr_sum = sum(e["lr"] for e in one)
+    assert diff.pow(2).mean().sqrt().item() <= 1e-2 * lr_sum, f"parameters differ by RMS {diff.pow(2).mean().sqrt():.3g}"
     assert events(tmp_path / "one", "eval_full")[0]["val_loss"] == \
-        pytest.approx(events(tmp_path / "two", "eval_full")[0]["val_loss"], abs=1e-5)
+        pytest.approx(events(tmp_path / "two", "eval_full")[0]["val_loss"], rel=1e-5)
 
 
 class Crash(Exception):
