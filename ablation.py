@@ -430,7 +430,7 @@ def flops_per_document(config: dict) -> float:
     docs = prepare.load_documents(os.path.join("data", "sample"), "train")
     tok = get_tokenizer(prepare.load_meta(os.path.join("data", "sample"))["tokenizer"])
     batches = UL2Batches(docs, tok, config["mixture"], config["encoder_len"], config["decoder_len"],
-                         config["micro_batch_size"], seed=config["seed"])
+                         config["micro_batch_size"], seed=config["seed"], pack=config["pack"])
     model = meta_model(config)
     total = 0.0
     for g in range(PLAN_BATCHES):

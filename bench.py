@@ -14,6 +14,9 @@ from other processes slows both alike and the ratio stays meaningful on a busy m
     e  prepare.py tokenization (prepare.tokenize_file) vs raw SentencePiece on the same text, one core
     f  pre-training throughput (GPU mode): rot5_mini tokens/s and MFU, projected time of the seed's 1.37B-token
        Chinchilla pre-training, Switch MoE step time vs dense at equal active parameters, peak memory
+    g  packed rows (ul2.pack_rows): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
+       compiled) one example per row vs packed, and the real tokens/s of a rot5_mini training step on the same
+       documents in both layouts (with --compile: compiled, and eager packed vs eager padding-skip)
 
 Usage:
     python bench.py                          # a-e on the CPU, fp32, all cores (the table in BENCHMARKS.md)
@@ -53,7 +56,7 @@ from tokenizer import get_tokenizer, mistral_model_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES = os.path.join(HERE, "data", "sample", "stories.txt")
-SECTIONS = "abcdef"
+SECTIONS = "abcdefg"
 SEED_PRETRAIN_TOKENS = 2 * 684_805_492  # the seed's Chinchilla run: 2 epochs of TinyStories-Instruct (1.37B)
 TARGETS = {"train_t5": 1.3, "train_mini": 1.5, "greedy_t5": 3.0, "beam_t5": 2.0}  # ROT5 / HF speed, on the CPU
 
@@ -270,8 +273,11 @@ def train_step_fn(model: torch.nn.Module, batch: ul2.Batch, hf: bool, device: to
 
     def step() -> None:
         with autocast(device, dtype):
-            out = fwd(input_ids=b.input_ids, attention_mask=b.attention_mask, decoder_input_ids=b.decoder_input_ids,
-                      labels=b.labels)
+            if hf:
+                out = fwd(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                          decoder_input_ids=b.decoder_input_ids, labels=b.labels)
+            else:  # packed batches carry segment ids too
+                out = fwd(*b)
             loss = out.loss if hf else out.loss + out.aux_loss + out.z_loss
         loss.backward()
         opt.step()
@@ -468,6 +474,46 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
                        f"{times['moe'] * 1e3:,.0f} ms", f"{dense * 1e3:,.0f} ms (dense)", dense / times["moe"], None))]
 
 
+def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]) -> list[Row]:
+    """Packed rows vs one example per row: how much of a fixed-shape batch is real tokens, and what that buys."""
+    B = setup.ul2_batch
+    layouts = {pack: ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, B, static_shapes=True,
+                                    pack=pack) for pack in (False, True)}
+    rows, n = [], 4 if args.quick else 20
+    for pack, batches in layouts.items():
+        enc = dec = enc_pos = dec_pos = 0
+        for g in range(n):
+            b = batches.batch(g)
+            enc, dec = enc + int(b.attention_mask.sum()), dec + int((b.labels != -100).sum())
+            enc_pos, dec_pos = enc_pos + b.input_ids.numel(), dec_pos + b.labels.numel()
+        rows.append(report(Row("g", f"real tokens, {'packed' if pack else 'one example per row'}",
+                               f"{n} UL2 batches of {B} stories, rows {setup.encoder_len} / {setup.decoder_len}",
+                               f"{enc / enc_pos:.1%} enc, {dec / dec_pos:.1%} dec, "
+                               f"{(enc + dec) / (enc_pos + dec_pos):.1%} all", "", None, None)))
+    # a training step: section a's batch size on a CPU (memory), the config's micro batch on a GPU
+    B = 2 if args.quick else read_config("rot5_mini.py")["micro_batch_size"] if device.type == "cuda" \
+        else setup.train_batch
+    torch.manual_seed(0)
+    model = ROT5(ROT5Config(**setup.mini_arch, vocab_size=tok.vocab_size)).to(device)
+    batches = {pack: ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, B,
+                                    static_shapes=args.compile or not pack, pack=pack).batch(0) for pack in (False, True)}
+    real = sum(batch_tokens(batches[True]))   # the same documents and corruption in both layouts
+    fns = {f"{'packed' if pack else 'padded'} {how}": train_step_fn(model, batches[pack], False, device, dtype, compile)
+           for pack in (False, True) for how, compile in ((("compiled", True),) if args.compile else ()) + (("eager", False),)}
+    notes.append(f"[g] rows: one example per row {tuple(batches[False].input_ids.shape)} / "
+                 f"{tuple(batches[False].labels.shape)}, packed {tuple(batches[True].input_ids.shape)} / "
+                 f"{tuple(batches[True].labels.shape)}, {real} real tokens; eager skips padding in everything "
+                 "but attention, compiled (padded) does not")
+    times = median_times(fns, setup.warmup, setup.iters, device)
+    for how in ("compiled", "eager") if args.compile else ("eager",):
+        ref = "padding-skip" if how == "eager" else "padded"
+        rows.append(report(Row("g", f"train step, {how}, packed vs one example per row", f"rot5_mini, {B} stories",
+                               f"{real / times[f'packed {how}']:,.0f} real tok/s",
+                               f"{real / times[f'padded {how}']:,.0f} ({ref})",
+                               times[f"padded {how}"] / times[f"packed {how}"], None)))
+    return rows
+
+
 def peak_flops(args, device: torch.device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops * 1e12
@@ -496,7 +542,7 @@ def report(row: Row) -> Row:
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations: runs in seconds")
-    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e; a-f on cuda)")
+    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e and g; all on cuda)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile both models for the training steps")
@@ -506,7 +552,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = p.parse_args(argv)
 
     device = train.resolve_device(args.device)
-    default = "abcdef" if device.type == "cuda" or args.quick else "abcde"
+    default = "abcdefg" if device.type == "cuda" or args.quick else "abcdeg"
     sections = args.only.replace(",", "") if args.only else default
     if not sections or set(sections) - set(SECTIONS):
         raise SystemExit(f"--only {args.only!r}: choose sections among {','.join(SECTIONS)}")
@@ -521,7 +567,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     setup = quick_setup() if args.quick else full_setup(device)
     tok = get_tokenizer("mistral")
     print(machine(device, args.threads), flush=True)
-    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdf") else []
+    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdfg") else []
     rows: list[Row] = []
     notes: list[str] = []
     if "a" in sections:
@@ -536,6 +582,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_prepare(args, setup, tok, notes)
     if "f" in sections:
         rows += bench_pretrain(args, setup, tok, docs, device, dtype, notes)
+    if "g" in sections:
+        rows += bench_packing(args, setup, tok, docs, device, dtype, notes)
     mode = (f"{args.dtype}{' autocast' if dtype != torch.float32 else ''}, "
             f"{'torch.compile (training steps)' if args.compile else 'eager'}")
     print(f"\n{machine(device, args.threads)}\n{mode}; median of {setup.iters} timed calls after {setup.warmup} "

@@ -61,6 +61,7 @@ from checkpoint import check_start, load_model, random_states, restart_log, resu
 from configurator import check_ranges, configure
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
+from ul2 import pack_examples
 
 # -----------------------------------------------------------------------------
 # defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
@@ -80,6 +81,7 @@ DEFAULTS: dict = dict(
     dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     encoder_len=512,                    # longer stories are cut (and counted)
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
+    pack=True,                          # several pairs per training row (ul2.pack_examples): no compute on padding
     eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
     eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
     eval_batch_size=64,
@@ -91,7 +93,7 @@ DEFAULTS: dict = dict(
 )
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
 RUN_KEYS = ("init_from", "dataset", "train_pairs", "epochs", "batch_size", "learning_rate", "warmup_frac",
-            "encoder_len", "decoder_len", "seed")
+            "encoder_len", "decoder_len", "pack", "seed")
 TASK_PREFIX = "Summarize:"
 SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline exercise, not a measurement
 
@@ -181,7 +183,8 @@ def main(argv: list[str]) -> dict:
         micro_batches = [idx[i:i + cfg["micro_batch_size"]] for i in range(0, len(idx), cfg["micro_batch_size"])]
         step_loss, step_lm_loss, step_tokens = 0.0, 0.0, 0
         for micro_idx in micro_batches:  # fewer than accum only on the last step of a fractional epoch
-            batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"])
+            batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"],
+                                 cfg["pack"])
             truncated += cut
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
@@ -238,10 +241,15 @@ def summarize_input(story: Sequence[int], tok: Tokenizer, encoder_len: int) -> t
 
 
 def collate(pairs: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer, encoder_len: int,
-            decoder_len: int) -> tuple[dict[str, torch.Tensor], int]:
-    """(story, summary) pairs -> model inputs padded to the longest in the batch, and the number of cut stories."""
+            decoder_len: int, pack: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """(story, summary) pairs -> model inputs padded to the longest in the batch, and the number of cut stories.
+    pack: several pairs per row instead (segment ids; the same loss over the same tokens, less padding)."""
     inputs, cuts = zip(*(summarize_input(story, tok, encoder_len) for story, _ in pairs))
     targets = [[int(i) for i in summary[:decoder_len - 1]] + [tok.eos_id] for _, summary in pairs]
+    if pack:
+        batch = pack_examples(np.concatenate(inputs), np.array([len(x) for x in inputs]), np.concatenate(targets),
+                              np.array([len(y) for y in targets]), encoder_len, decoder_len, tok.pad_id, False)
+        return batch._asdict(), sum(cuts)
     B, Te, Td = len(pairs), max(map(len, inputs)), max(map(len, targets))
     input_ids = torch.full((B, Te), tok.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, Te), dtype=torch.long)

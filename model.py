@@ -21,10 +21,13 @@ Map of the classes (top-down):
                          RMSNorm -> FFN | SwitchFFN
       KVCache            one preallocated tensor for decoder self-attention + encoder K/V computed once
                          (once per prompt: the beams of a prompt share it)
-      Packed             where the real tokens of a padded batch are: the stacks skip padding, attention
+      Unpadded           where the real tokens of a padded batch are: the stacks skip padding, attention
                          alone works on padded (B, T) rows
+      stack_masks        packed rows (several examples per row, segment ids): the three attentions keep
+                         to their segment; SDPA masks, or FlexAttention block masks when compiled on CUDA
 
-Speed (BENCHMARKS.md): everything but attention runs on real tokens only; generation encodes once, projects
+Speed (BENCHMARKS.md): training rows are packed with several examples (ul2.py), and eager runs skip the
+remaining padding: everything but attention runs on real tokens only; generation encodes once, projects
 the cross-attention K/V once per prompt, and writes one position per step into a preallocated cache.
 
 Details that matter for exactness:
@@ -47,6 +50,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -175,10 +179,13 @@ class RelativePositionBias(nn.Module):
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin of the rotation angles pos * theta_i, theta_i = theta**(-2i/d) (RoFormer, Su et al. 2021, eq. 15).
-    pos: (T,) -> cos, sin: (T, head_dim) in fp32 (angles of large positions need fp32)."""
+    pos: (T,) -> cos, sin: (T, head_dim) in fp32 (angles of large positions need fp32); packed rows give
+    per-token positions (B, T) -> (B, 1, T, head_dim), which broadcasts over the heads of (B, H, T, Dh)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.float()[:, None] * inv_freq[None, :]
+    ang = pos.float()[..., None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)
+    if pos.dim() == 2:
+        ang = ang[:, None]
     return ang.cos(), ang.sin()
 
 
@@ -191,11 +198,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | FlexMask | None, is_causal: bool,
+           dropout: float) -> Tensor:
     """softmax(q k^T + mask) v with T5's scale = 1. q: (B, H, Tq, Dh); k, v: (B, Hkv, Tk, Dh), Hkv divides H;
     query head h reads K/V head h // (H / Hkv) (GQA, Ainslie et al. 2023). mask: additive float (bias and
-    -inf-like entries) or bool (True = attend), broadcastable to (B, H, Tq, Tk). Returns (B, Tq, H*Dh)."""
+    -inf-like entries) or bool (True = attend), broadcastable to (B, H, Tq, Tk), for SDPA; or a FlexMask
+    (see `stack_masks`). Returns (B, Tq, H*Dh)."""
     B, H, Tq, Dh = q.shape
+    if isinstance(mask, FlexMask):  # no attention dropout here: use_flex only picks Flex without it
+        # (contiguous: inductor's CPU template reads q/k/v as 4-d buffers; on CUDA the copy fuses into rope)
+        y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=mask.score_mod,
+                           block_mask=mask.block_mask, scale=1.0, enable_gqa=H != k.shape[1])
+        return y.transpose(1, 2).flatten(2)
     groups = H // k.shape[1]
     if groups > 1 and mask is not None:
         if mask.shape[1] == 1 and mask.shape[2] == 1 and not is_causal:
@@ -225,7 +239,73 @@ def mask_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-class Packed(NamedTuple):
+# ----------------------------------------------------------------------------------------------------------
+# Packed rows. T5 never trains on padding: seqio's trim_and_pack puts several (inputs, targets) examples in
+# one row, example k of a row being segment k on both sides (ul2.py builds them). Then every attention keeps
+# to its segment -- encoder self: same segment; decoder self: same segment and causal; cross: decoder segment
+# k reads encoder segment k only -- and positions restart at 0 in every segment. Within one segment, row
+# offsets differ by the same i - j as positions do, so T5's relative bias is the unpacked (1, H, T, T) table
+# as it is; RoPE rotates with the per-segment positions (cross-attention compares two different rows' offsets).
+# The masks are built once per forward per stack, in one of two forms:
+#   SDPA: a dense (B, 1, Tq, Tk) mask (bool, or the bias with -inf-like entries): eager runs, CPU, dropout;
+#   FlexAttention (Dong et al. 2024): a BlockMask from the segment ids, so blocks of other segments are
+#   skipped, not computed and masked, and the bias as a score_mod, so no (B, H, T, T) tensor exists. It
+#   compiles to one fused kernel; eager it is a slow reference, and on the CPU it has no backward. So it is
+#   used when compiling on CUDA without attention dropout (which Flex cannot apply), or when FLEX_ATTENTION
+#   forces it (tests and bench.py compare the two).
+
+FLEX_ATTENTION: bool | None = None   # None: automatic, as above; True / False: always / never
+
+
+class FlexMask(NamedTuple):
+    block_mask: BlockMask
+    score_mod: object | None     # (score, b, h, q, k) -> score + bias[h, q, k]; None without a bias
+
+
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """(B, T) segment ids (0 = padding, examples contiguous) -> each token's position in its segment,
+    0, 1, 2, ... restarting wherever the id changes."""
+    col = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return col - torch.where(starts, col, 0).cummax(1).values
+
+
+def segment_allowed(q_seg: Tensor, k_seg: Tensor, causal: bool) -> Tensor:
+    """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same segment, and not a
+    later key if causal). Padding queries (segment 0) may attend anything: their outputs are never used,
+    and a row with nothing to attend to would make SDPA's softmax NaN."""
+    allowed = (q_seg[:, :, None] == k_seg[:, None, :]) | (q_seg[:, :, None] == 0)
+    if causal:
+        allowed &= torch.ones(q_seg.shape[1], k_seg.shape[1], dtype=torch.bool, device=q_seg.device).tril()
+    return allowed[:, None]
+
+
+def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None, flex: bool,
+                dtype: torch.dtype) -> Tensor | FlexMask:
+    """The attention mask of one stack's layers for packed rows (or any rows, as FlexAttention): SDPA's dense
+    mask, the bias (1, H, Tq, Tk) added when given; or FlexAttention's block mask and score_mod."""
+    if not flex:
+        allowed = segment_allowed(q_seg, k_seg, causal)
+        return allowed if bias is None else bias.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def mask_mod(b, h, q, k):
+        allowed = (q_seg[b, q] == k_seg[b, k]) | (q_seg[b, q] == 0)
+        return allowed & (k <= q) if causal else allowed
+
+    score_mod = None if bias is None else (lambda score, b, h, q, k: score + bias[0, h, q, k])
+    block_mask = create_block_mask(mask_mod, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
+                                   device=q_seg.device)
+    return FlexMask(block_mask, score_mod)
+
+
+def use_flex(x: Tensor, training: bool, dropout: float) -> bool:
+    if FLEX_ATTENTION is not None:
+        return FLEX_ATTENTION
+    return x.is_cuda and torch.compiler.is_compiling() and not (training and dropout > 0)
+
+
+class Unpadded(NamedTuple):
     """Where the real tokens of a padded (B, T) batch are. Everything in a block but attention works token by
     token, so the stacks can carry the (N, d) real tokens alone and skip the padding (about half of a UL2
     batch); each attention puts them back into (B, T) rows around SDPA (`pad`) and takes them out after."""
@@ -234,10 +314,10 @@ class Packed(NamedTuple):
     T: int
 
     @staticmethod
-    def of(keep: Tensor) -> Packed | None:
+    def of(keep: Tensor) -> Unpadded | None:
         """keep: (B, T) bool, True at the tokens to keep. None when nothing would be skipped."""
         index = keep.flatten().nonzero().squeeze(1)
-        return None if len(index) == keep.numel() else Packed(index, *keep.shape)
+        return None if len(index) == keep.numel() else Unpadded(index, *keep.shape)
 
     def pad(self, x: Tensor) -> Tensor:
         """(N, C) -> (B, T, C), zeros at padding."""
@@ -264,14 +344,14 @@ class EncoderSelfAttention(nn.Module):
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                packed: Packed | None = None) -> Tensor:
-        """x: (B, T, d), or the (N, d) real tokens of a batch that `packed` describes (output alike)."""
+                unpadded: Unpadded | None = None) -> Tensor:
+        """x: (B, T, d), or the (N, d) real tokens of a batch that `unpadded` describes (output alike)."""
         qkv = self.qkv(x)
-        q, k, v = split_qkv(qkv if packed is None else packed.pad(qkv), self.cfg)
+        q, k, v = split_qkv(qkv if unpadded is None else unpadded.pad(qkv), self.cfg)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = attend(q, k, v, mask, False, self.cfg.dropout if self.training else 0.0)
-        return self.o(y if packed is None else packed.unpad(y))
+        return self.o(y if unpadded is None else unpadded.unpad(y))
 
 
 class DecoderSelfAttention(nn.Module):
@@ -285,10 +365,10 @@ class DecoderSelfAttention(nn.Module):
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
-                cache: Tensor | None, start: int, packed: Packed | None = None) -> Tensor:
-        """x: (B, T, d), or (N, d) real tokens with `packed` (training only: never with a cache)."""
+                cache: Tensor | None, start: int, unpadded: Unpadded | None = None) -> Tensor:
+        """x: (B, T, d), or (N, d) real tokens with `unpadded` (training only: never with a cache)."""
         qkv = self.qkv(x)
-        q, k, v = split_qkv(qkv if packed is None else packed.pad(qkv), self.cfg)
+        q, k, v = split_qkv(qkv if unpadded is None else unpadded.pad(qkv), self.cfg)
         if rope is not None:  # keys are cached already rotated: their absolute position never changes
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # cache: (2, B, Hkv, max_len, Dh), this layer's slice of KVCache.self_kv
@@ -296,7 +376,7 @@ class DecoderSelfAttention(nn.Module):
             cache[0, :, :, start:end], cache[1, :, :, start:end] = k, v
             k, v = cache[0, :, :, :end], cache[1, :, :, :end]
         y = attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0)
-        return self.o(y if packed is None else packed.unpad(y))
+        return self.o(y if unpadded is None else unpadded.unpad(y))
 
 
 class CrossAttention(nn.Module):
@@ -312,11 +392,11 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, packed: Packed | None = None) -> Tensor:
-        """enc: (B, S, d_model), or (N, d_model) real tokens with `packed` -> (2, B, Hkv, S, Dh), keys rotated
+    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, unpadded: Unpadded | None = None) -> Tensor:
+        """enc: (B, S, d_model), or (N, d_model) real tokens with `unpadded` -> (2, B, Hkv, S, Dh), keys rotated
         with encoder positions."""
         kv = self.kv(enc)
-        kv = kv if packed is None else packed.pad(kv)
+        kv = kv if unpadded is None else unpadded.pad(kv)
         B, S, _ = kv.shape
         k, v = kv.view(B, S, 2, self.cfg.n_kv_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
@@ -324,11 +404,11 @@ class CrossAttention(nn.Module):
         return torch.stack([k, v])
 
     def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                packed: Packed | None = None) -> Tensor:
-        """x: (B, T, d), or (N, d) real tokens with `packed`; kv: (2, B', Hkv, S, Dh) from project_kv, where B'
+                unpadded: Unpadded | None = None) -> Tensor:
+        """x: (B, T, d), or (N, d) real tokens with `unpadded`; kv: (2, B', Hkv, S, Dh) from project_kv, where B'
         may be B / K in beam search: the K beams of a prompt (rows b*K .. b*K+K-1) share one copy."""
         q = self.q(x)
-        q = q if packed is None else packed.pad(q)
+        q = q if unpadded is None else unpadded.pad(q)
         B, T, _ = q.shape
         q = q.view(B, T, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 2)
         if rope is not None:
@@ -338,7 +418,7 @@ class CrossAttention(nn.Module):
             q = q.view(prompts, B // prompts, *q.shape[1:]).transpose(1, 2).flatten(2, 3)
         y = attend(q, kv[0], kv[1], mask, False, self.cfg.dropout if self.training else 0.0)
         y = y.reshape(B, T, -1)  # (B', K T, H Dh) -> (B, T, H Dh); a no-op without beams
-        return self.o(y if packed is None else packed.unpad(y))
+        return self.o(y if unpadded is None else unpadded.unpad(y))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,8 +504,8 @@ class EncoderBlock(nn.Module):
         self.moe, self.dropout = moe, nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                token_mask: Tensor | None, stats: list[MoEStats], packed: Packed | None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, packed))
+                token_mask: Tensor | None, stats: list[MoEStats], unpadded: Unpadded | None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, unpadded))
         return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
 
 
@@ -440,9 +520,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, self_mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
                 cache: Tensor | None, start: int, cross_kv: Tensor, cross_mask: Tensor | None,
-                token_mask: Tensor | None, stats: list[MoEStats], packed: Packed | None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.self_norm(x), self_mask, is_causal, rope, cache, start, packed))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_mask, rope, packed))
+                token_mask: Tensor | None, stats: list[MoEStats], unpadded: Unpadded | None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.self_norm(x), self_mask, is_causal, rope, cache, start, unpadded))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_mask, rope, unpadded))
         return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
 
 
@@ -487,24 +567,27 @@ class Encoder(nn.Module):
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None, stats: list[MoEStats],
-                packed: Packed | None = None) -> Tensor:
-        """x: (B, S, d) embedded input, or its (N, d) real tokens with `packed` (output alike);
-        attention_mask: (B, S) bool, False at padding, or None."""
-        S = x.shape[1] if packed is None else packed.T
+                unpadded: Unpadded | None = None, segment_ids: Tensor | None = None, flex: bool = False) -> Tensor:
+        """x: (B, S, d) embedded input, or its (N, d) real tokens with `unpadded` (output alike);
+        attention_mask: (B, S) bool, False at padding, or None; segment_ids: (B, S) for packed rows, or None."""
+        B, S = (x.shape[0], x.shape[1]) if unpadded is None else (unpadded.B, unpadded.T)
         pos = torch.arange(S, device=x.device)
-        pad = None if attention_mask is None else attention_mask[:, None, None, :]  # (B, 1, 1, S)
-        rope = None
-        if self.relative_bias is not None:  # one bias table per forward, shared by all layers
-            dt = mask_dtype(x)
-            mask = self.relative_bias(pos, pos).to(dt)
-            if pad is not None:
-                mask = mask.masked_fill(~pad, torch.finfo(dt).min)
-        else:
-            mask, rope = pad, rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        bias = None if self.relative_bias is None else self.relative_bias(pos, pos)  # (1, H, S, S), all layers
+        rope = None if bias is not None else rope_cos_sin(pos if segment_ids is None else segment_positions(segment_ids),
+                                                          self.cfg.head_dim, self.cfg.rope_theta)
+        if segment_ids is not None or flex:  # packed rows; or FlexAttention, a padded row being one segment
+            seg = segment_ids if segment_ids is not None else \
+                torch.ones(B, S, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask.long()
+            mask = stack_masks(seg, seg, False, bias, flex, mask_dtype(x))
+        else:  # one example per row: a key padding mask (B, 1, 1, S), broadcast over the queries
+            mask = None if attention_mask is None else attention_mask[:, None, None, :]
+            if bias is not None:
+                dt = mask_dtype(x)
+                mask = bias.to(dt) if mask is None else bias.to(dt).masked_fill(~mask, torch.finfo(dt).min)
         x = self.dropout(x)
-        token_mask = attention_mask if packed is None else None  # packed: all real
+        token_mask = attention_mask if unpadded is None else None  # unpadded: all real
         for layer in self.layers:
-            x = layer(x, mask, rope, token_mask, stats, packed)
+            x = layer(x, mask, rope, token_mask, stats, unpadded)
         return self.dropout(self.norm(x))
 
 
@@ -517,10 +600,11 @@ class Decoder(nn.Module):
                                     for i in range(cfg.n_decoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
-    def encoder_rope(self, S: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    def encoder_rope(self, S: int, device: torch.device, segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         if self.relative_bias is not None:
             return None
-        return rope_cos_sin(torch.arange(S, device=device), self.cfg.head_dim, self.cfg.rope_theta)
+        pos = torch.arange(S, device=device) if segment_ids is None else segment_positions(segment_ids)
+        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
 
     def cross_kv(self, enc: Tensor) -> Tensor:
         """encoder output (B, S, d) -> K/V of every layer (L, 2, B, Hkv, S, Dh)."""
@@ -528,34 +612,47 @@ class Decoder(nn.Module):
         return torch.stack([layer.cross_attn.project_kv(enc, rope) for layer in self.layers])
 
     def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, token_mask: Tensor | None,
-                stats: list[MoEStats], cache: KVCache | None = None, packed: Packed | None = None,
-                enc_packed: Packed | None = None) -> Tensor:
+                stats: list[MoEStats], cache: KVCache | None = None, unpadded: Unpadded | None = None,
+                enc_unpadded: Unpadded | None = None, segment_ids: Tensor | None = None,
+                enc_segment_ids: Tensor | None = None, flex: bool = False) -> Tensor:
         """x: (B, T, d) embedded decoder input at positions cache.length + [0, T) (0 without a cache), or its
-        (N, d) real tokens with `packed` (output alike); enc: (B, S, d) encoder output, or (N_enc, d) with
-        `enc_packed` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
-        shape without d, False at tokens the router statistics skip, or None."""
-        T, dev = (x.shape[1] if packed is None else packed.T), x.device
+        (N, d) real tokens with `unpadded` (output alike); enc: (B, S, d) encoder output, or (N_enc, d) with
+        `enc_unpadded` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
+        shape without d, False at tokens the router statistics skip, or None; segment_ids (B, T) and
+        enc_segment_ids (B, S): packed rows (training and scoring only, never with a cache)."""
+        B, T, dev = (*x.shape[:2], x.device) if unpadded is None else (unpadded.B, unpadded.T, x.device)
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.self_kv.shape[4]:
             raise ValueError(f"KV cache holds {cache.self_kv.shape[4]} positions, decoding needs {start + T}")
         q_pos, k_pos = torch.arange(start, start + T, device=dev), torch.arange(start + T, device=dev)
-        future = k_pos[None, :] > q_pos[:, None]                                 # (T, start + T)
-        rope, is_causal = None, False
-        if self.relative_bias is not None:
-            dt = mask_dtype(x)
-            self_mask = self.relative_bias(q_pos, k_pos).to(dt).masked_fill(future, torch.finfo(dt).min)
-        else:
-            rope = rope_cos_sin(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
-            is_causal = cache is None                     # lets SDPA pick a fused causal kernel
-            self_mask = None if is_causal or T == 1 else ~future
-        cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
-        enc_rope = None if cache is not None else \
-            self.encoder_rope(enc.shape[1] if enc_packed is None else enc_packed.T, dev)  # cached K/V are rotated
+        bias = None if self.relative_bias is None else self.relative_bias(q_pos, k_pos)  # (1, H, T, start + T)
+        rope = None if bias is not None else rope_cos_sin(q_pos if segment_ids is None else segment_positions(segment_ids),
+                                                          self.cfg.head_dim, self.cfg.rope_theta)
+        is_causal = False
+        if segment_ids is not None or flex:  # packed rows; or FlexAttention, a padded row being one segment
+            if segment_ids is None:
+                segment_ids = torch.ones(B, T, dtype=torch.long, device=dev)
+                enc_segment_ids = torch.ones(enc_unpadded.B if enc_unpadded is not None else enc.shape[0],
+                                             enc_unpadded.T if enc_unpadded is not None else enc.shape[1],
+                                             dtype=torch.long, device=dev) if enc_mask is None else enc_mask.long()
+            self_mask = stack_masks(segment_ids, segment_ids, True, bias, flex, mask_dtype(x))
+            cross_mask = stack_masks(segment_ids, enc_segment_ids, False, None, flex, mask_dtype(x))
+        else:  # one example per row: causal self-attention, a key padding mask (B, 1, 1, S) for cross-attention
+            future = k_pos[None, :] > q_pos[:, None]                                 # (T, start + T)
+            if bias is not None:
+                dt = mask_dtype(x)
+                self_mask = bias.to(dt).masked_fill(future, torch.finfo(dt).min)
+            else:
+                is_causal = cache is None                     # lets SDPA pick a fused causal kernel
+                self_mask = None if is_causal or T == 1 else ~future
+            cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
+        enc_rope = None if cache is not None else self.encoder_rope(  # cached K/V are rotated already
+            enc.shape[1] if enc_unpadded is None else enc_unpadded.T, dev, enc_segment_ids)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
-            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_packed) if cache is None else cache.cross_kv[i]
+            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_unpadded) if cache is None else cache.cross_kv[i]
             x = layer(x, self_mask, is_causal, rope, None if cache is None else cache.self_kv[i], start,
-                      kv, cross_mask, token_mask, stats, packed)
+                      kv, cross_mask, token_mask, stats, unpadded)
         if cache is not None:
             cache.length += T
         return self.dropout(self.norm(x))
@@ -604,10 +701,18 @@ class ROT5(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                decoder_input_ids: Tensor | None = None, labels: Tensor | None = None) -> ROT5Output:
+                decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
+                segment_ids: Tensor | None = None, decoder_segment_ids: Tensor | None = None) -> ROT5Output:
         """input_ids: (B, S); attention_mask: (B, S), 1/True at real tokens; decoder_input_ids: (B, T),
         default labels shifted right after the start token (pad); labels: (B, T), -100 = ignore.
-        With labels, only positions with a label reach the lm_head and `logits` is None."""
+        With labels, only positions with a label reach the lm_head and `logits` is None.
+        Packed rows (several examples per row, ul2.py): segment_ids (B, S) and decoder_segment_ids (B, T),
+        0 at padding and k at the tokens of the row's k-th example on both sides; attention_mask, if given,
+        must be segment_ids > 0, and the default decoder inputs restart with the start token in every segment."""
+        packed = segment_ids is not None or decoder_segment_ids is not None
+        if packed:
+            attention_mask = self._check_segments(input_ids, attention_mask, segment_ids, decoder_segment_ids,
+                                                  decoder_input_ids if labels is None else labels)
         attention_mask = self._check_inputs(input_ids, attention_mask)
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
@@ -616,7 +721,7 @@ class ROT5(nn.Module):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (decoder inputs are labels shifted right)")
-            decoder_input_ids = self.shift_right(labels)
+            decoder_input_ids = self.shift_right(labels, decoder_segment_ids)
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
@@ -626,31 +731,37 @@ class ROT5(nn.Module):
                              "pass one decoder row per input row")
 
         stats: list[MoEStats] = []
-        # Skip padding (Packed): the encoder never attends to it, and the decoder (causal) never attends to
+        flex = use_flex(input_ids, self.training, self.cfg.dropout)
+        # Skip padding (Unpadded): the encoder never attends to it, and the decoder (causal) never attends to
         # positions after a row's last label. torch.compile wants fixed shapes: it keeps the padded layout.
-        pack = not torch.compiler.is_compiling()
-        enc_packed = Packed.of(attention_mask) if pack and attention_mask is not None else None
-        enc = self.encoder(self.embed(input_ids if enc_packed is None else enc_packed.unpad(input_ids)),
-                           attention_mask, stats, enc_packed)
-        dec_packed = None
-        if labels is not None:
+        skip_pad = not torch.compiler.is_compiling()
+        enc_unpadded = Unpadded.of(attention_mask) if skip_pad and attention_mask is not None else None
+        enc = self.encoder(self.embed(input_ids if enc_unpadded is None else enc_unpadded.unpad(input_ids)),
+                           attention_mask, stats, enc_unpadded, segment_ids, flex)
+        dec_unpadded = None
+        if packed:  # decoder positions of the examples; the router statistics skip the rest
+            dec_tokens = decoder_segment_ids > 0
+            dec_unpadded = Unpadded.of(dec_tokens) if skip_pad else None
+        elif labels is not None:
             dec_tokens = labels != -100
             up_to_last_label = dec_tokens.flip(1).cumsum(1).flip(1) > 0
-            dec_packed = Packed.of(up_to_last_label) if pack else None
+            dec_unpadded = Unpadded.of(up_to_last_label) if skip_pad else None
         else:  # decoder pads: pad ids after the start token, which is a pad id too
             dec_tokens = decoder_input_ids != self.cfg.pad_token_id
             dec_tokens[:, 0] = True
-        if dec_packed is not None:
-            decoder_input_ids, dec_tokens = dec_packed.unpad(decoder_input_ids), dec_packed.unpad(dec_tokens)
-        h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_packed,
-                         enc_packed)
+        if dec_unpadded is not None:
+            decoder_input_ids, dec_tokens = dec_unpadded.unpad(decoder_input_ids), dec_unpadded.unpad(dec_tokens)
+        h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_unpadded,
+                         enc_unpadded, decoder_segment_ids, segment_ids, flex)
 
         loss = logits = None
         if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model
-            logits_sel = self.lm_logits(h[dec_tokens])
-            loss = F.cross_entropy(logits_sel.float(), labels[labels != -100].long())
+            label_at = labels != -100
+            logits_sel = self.lm_logits(h[label_at if dec_unpadded is None else dec_unpadded.unpad(label_at)])
+            loss = F.cross_entropy(logits_sel.float(), labels[label_at].long())
         else:
             logits = self.lm_logits(h)
+            logits = logits if dec_unpadded is None else dec_unpadded.pad(logits)  # (B, T, V), 0 at padding
         zero = h.new_zeros((), dtype=torch.float32)
         return ROT5Output(loss, logits, sum((s.aux_loss for s in stats), zero), sum((s.z_loss for s in stats), zero),
                           torch.stack([s.load for s in stats]) if stats else None)
@@ -660,10 +771,13 @@ class ROT5(nn.Module):
             return F.linear(h * self.cfg.d_model ** -0.5, self.embed.weight)
         return self.lm_head(h)
 
-    def shift_right(self, labels: Tensor) -> Tensor:
-        """decoder inputs for teacher forcing: [start, y_0 .. y_{T-2}], start = pad, -100 -> pad."""
+    def shift_right(self, labels: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        """decoder inputs for teacher forcing: [start, y_0 .. y_{T-2}], start = pad, -100 -> pad; with
+        segment_ids (packed rows), every segment starts with its own start token."""
         pad = self.cfg.pad_token_id
         dec = torch.cat([labels.new_full((labels.shape[0], 1), pad), labels[:, :-1]], dim=1)
+        if segment_ids is not None:
+            dec[:, 1:].masked_fill_(segment_ids[:, 1:] != segment_ids[:, :-1], pad)
         return dec.masked_fill(dec == -100, pad)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -671,10 +785,10 @@ class ROT5(nn.Module):
         return self._encode(input_ids, self._check_inputs(input_ids, attention_mask))
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        packed = None if attention_mask is None else Packed.of(attention_mask)  # skip the padding, as forward
-        if packed is None:
+        unpadded = None if attention_mask is None else Unpadded.of(attention_mask)  # skip the padding, as forward
+        if unpadded is None:
             return self.encoder(self.embed(input_ids), attention_mask, [])
-        return packed.pad(self.encoder(self.embed(packed.unpad(input_ids)), attention_mask, [], packed))
+        return unpadded.pad(self.encoder(self.embed(unpadded.unpad(input_ids)), attention_mask, [], unpadded))
 
     def new_cache(self, enc: Tensor, max_len: int, beams: int = 1) -> KVCache:
         """KV cache for decoding up to max_len positions against encoder output enc (B, S, d), for B * beams
@@ -706,6 +820,33 @@ class ROT5(nn.Module):
             bad = ids[~valid][0].item()
             raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {self.cfg.vocab_size})"
                              f"{' (or -100 = ignore)' if allow_ignore else ''}: tokenizer and model config disagree")
+
+    def _check_segments(self, input_ids: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
+                        decoder_segment_ids: Tensor | None, decoder_ids: Tensor | None) -> Tensor:
+        """Packed rows: both segment id tensors, non-negative ints shaped like their ids, and every decoder segment
+        has the encoder segment of its id in its row (else its cross-attention would have nothing to read).
+        Returns the attention mask they imply."""
+        if segment_ids is None or decoder_segment_ids is None:
+            raise ValueError("packed rows need both segment_ids and decoder_segment_ids (ul2.UL2Batches(pack=True) "
+                             "makes both)")
+        for name, seg, ids in (("segment_ids", segment_ids, input_ids),
+                               ("decoder_segment_ids", decoder_segment_ids, decoder_ids)):
+            shape = None if not isinstance(ids, Tensor) else tuple(ids.shape)
+            if not isinstance(seg, Tensor) or seg.dtype not in (torch.int64, torch.int32) or tuple(seg.shape) != shape:
+                raise ValueError(f"{name} must be an int tensor shaped like its token ids {shape}")
+            if (seg < 0).any():
+                raise ValueError(f"{name} must be >= 0 (0 = padding, k = the row's k-th example)")
+        implied = segment_ids > 0
+        if attention_mask is not None and not torch.equal(attention_mask.bool(), implied):
+            raise ValueError("attention_mask must be segment_ids > 0 for packed rows (or leave it out)")
+        n = int(torch.maximum(segment_ids.max(), decoder_segment_ids.max())) + 1
+        present = torch.zeros(len(segment_ids), n, dtype=torch.bool, device=segment_ids.device)
+        present.scatter_(1, segment_ids.long(), True)
+        present[:, 0] = True   # decoder padding
+        if not present.gather(1, decoder_segment_ids.long()).all():
+            raise ValueError("a decoder segment has no encoder segment with its id in its row: example k of a row "
+                             "must be segment k on both sides")
+        return implied
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
         self._check_ids(input_ids, "input_ids")

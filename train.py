@@ -28,12 +28,18 @@ and dropout masks too (torch is seeded per micro-batch). So 1 process x 4 accumu
 processes x 1 step see the same examples and make the same update, and a resumed run (the checkpoint's
 step is its data position) makes the very updates of an uninterrupted one (a log interval that straddles
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
+With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_rows):
+rows of encoder_len / decoder_len whose number varies a little from one micro-batch to the next (under
+--compile, torch.compile's automatic dynamic shapes recompile once for that); the loss is the same token-
+weighted mean over the same examples, so pack=False (one example per row) trains the same model, slower.
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
     metrics.jsonl  one JSON object per event, for plots:
         {"event": "train", "step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm",
-         "tok_per_s", "mfu" (null if the peak is unknown), "expert_load" (MoE: per layer, per expert)}
+         "tok_per_s", "mfu" (null if the peak is unknown), "enc_real" / "dec_real" (the fraction of encoder /
+         decoder positions that hold real tokens, not padding: rank 0's batches), "expert_load" (MoE: per
+         layer, per expert)}
         {"event": "eval" | "eval_full", "step", "tokens", "val_loss", "val_aux_loss", "val_z_loss", "docs"}
         {"event": "skip", "step", "loss", "grad_norm"}      (a non-finite loss or gradient: no update)
     Losses are means over the steps since the last "train" event; "tokens" counts raw document tokens
@@ -79,6 +85,7 @@ dataset = "tinystories"   # data/<dataset>/ from prepare.py
 mixture = "ul2"           # ul2.mixture(): "ul2" | "t5" | "prefix_lm"
 encoder_len = 512         # longest input (T5's 512); longer documents are cropped to fit (ul2.py)
 decoder_len = 256         # longest target
+pack = True               # several examples per row, no compute on padding (T5's packing; ul2.pack_rows)
 # budget: max_tokens > 0 wins over epochs
 epochs = 1.0              # passes over the training documents (fractional is fine)
 max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use epochs)
@@ -95,7 +102,7 @@ grad_clip = 1.0           # max global gradient norm (0: no clipping)
 max_bad_steps = 5         # stop after this many non-finite steps in a row
 # system
 device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N" (one process)
-compile = False           # torch.compile the model (pads batches to fixed shapes to avoid recompiles)
+compile = False           # torch.compile the model (pads rows to encoder_len / decoder_len: fixed shapes)
 seed = 0
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
 # -----------------------------------------------------------------------------------------------------------
@@ -105,7 +112,7 @@ TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") an
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("RTX 3090", 71e12), ("RTX 4090", 165e12))
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
-RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "epochs", "max_tokens", "batch_size", "learning_rate",
+RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "pack", "epochs", "max_tokens", "batch_size", "learning_rate",
             "warmup_frac", "seed")
 EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
 ADAM_EPS = 1e-8           # HF Trainer's default
@@ -191,10 +198,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     tokens_per_doc = n_train_tokens / len(train_docs)
     # A world-size-1 view of the document stream indexed by the global micro-batch index g (see docstring).
     batches = UL2Batches(train_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.micro_batch_size,
-                         seed=cfg.seed, static_shapes=cfg.compile)
+                         seed=cfg.seed, static_shapes=cfg.compile, pack=cfg.pack)
     # Validation: every rank takes every world-th eval batch; the corruption depends on neither.
     val_batches = UL2Batches(val_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.eval_batch_size,
-                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile)
+                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile, pack=cfg.pack)
     n_eval = min(cfg.eval_docs, len(val_docs))
 
     # -- budget: the LR schedule needs the number of steps up front -------------------------------------
@@ -275,6 +282,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # per-step stats: [lm, aux, z, raw document tokens, FLOPs, grad norm, expert load (n_moe x n_experts)...]
     interval = torch.zeros(6 + n_moe * model_cfg.n_experts, dtype=torch.float64)  # their sums since the last log
     steps_in_interval, bad_in_a_row, t_log = 0, 0, time.perf_counter()
+    positions = [0, 0, 0, 0]  # this rank's encoder real tokens, encoder positions, decoder likewise, since the last log
     for step in range(start_step, max_steps):
         lr = cfg.learning_rate * lr_factor(step, max_steps, warmup_steps)
         for group in optimizer.param_groups:
@@ -285,9 +293,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             g = (step * accum + micro) * world + rank
             # Built here, not prefetched: the corruption is vectorised numpy, ~1% of a GPU step (ul2.py).
             batch = batches.batch(g)
+            enc_real, dec_real = int(batch.attention_mask.sum()), int((batch.labels != -100).sum())
+            positions = [positions[0] + enc_real, positions[1] + batch.input_ids.numel(),
+                         positions[2] + dec_real, positions[3] + batch.labels.numel()]
             stats[3] += float(doc_lengths[batches.indices(g)].sum())
-            stats[4] += raw_model.train_flops(int(batch.attention_mask.sum()), int((batch.labels != -100).sum()),
-                                              batch.input_ids.shape[1], batch.labels.shape[1])
+            stats[4] += raw_model.train_flops(enc_real, dec_real, batch.input_ids.shape[1], batch.labels.shape[1])
             batch = batch.to(device)
             torch.manual_seed((cfg.seed << 32) + g)  # dropout masks, like the data, depend on (seed, g) only
             # DDP: all-reduce the gradients only after the last micro-batch (no_sync covers forward+backward)
@@ -331,7 +341,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             event = {"event": "train", "step": done, "tokens": tokens_seen, "loss": float(mean[:3].sum()),
                      "lm_loss": float(mean[0]), "aux_loss": float(mean[1]), "z_loss": float(mean[2]), "lr": lr,
                      "grad_norm": float(mean[5]), "tok_per_s": float(interval[3]) / dt,
-                     "mfu": float(interval[4]) / dt / (peak * world) if peak else None}
+                     "mfu": float(interval[4]) / dt / (peak * world) if peak else None,
+                     "enc_real": positions[0] / positions[1], "dec_real": positions[2] / positions[3]}
             load = mean[6:].view(n_moe, -1) if n_moe else None
             if load is not None:
                 event["expert_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
@@ -340,10 +351,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             say(f"step {done}: loss {event['loss']:.4f} (lm {event['lm_loss']:.4f} aux {event['aux_loss']:.4f} "
                 f"z {event['z_loss']:.4f}) | lr {lr:.2e} | grad norm {event['grad_norm']:.2f} | "
                 f"{event['tok_per_s']:,.0f} tok/s" + (f" | mfu {event['mfu']:.1%}" if peak else "")
+                + f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec"
                 # load x n_experts: 1.0 = perfectly balanced; the busiest expert of the worst layer
                 + (f" | max expert load {float(load.max()) * model_cfg.n_experts:.2f}x" if n_moe else ""))
             interval.zero_()
-            steps_in_interval, t_log = 0, time.perf_counter()
+            steps_in_interval, t_log, positions = 0, time.perf_counter(), [0, 0, 0, 0]
 
         if done % cfg.eval_interval == 0 or done == max_steps:
             t_eval = time.perf_counter()
