@@ -43,7 +43,6 @@ Outputs in out_dir:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -58,10 +57,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare
-from checkpoint import check_start, random_states, restart_log, resume_run, save_checkpoint
+import ul2
+from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
-from tokenizer import get_tokenizer
 from ul2 import UL2Batches
 
 # -----------------------------------------------------------------------------------------------------------
@@ -133,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                  fractions=("warmup_frac", "beta1", "beta2"))
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
+    check_data_settings(config)
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -176,10 +176,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     data_dir = os.path.join("data", cfg.dataset)
     try:
         meta = prepare.load_meta(data_dir)
+        tok = prepare.load_tokenizer(data_dir)  # the one meta.json names, checked against what it recorded
+        # (also checks every shard: sizes, index, checksum, ids in range; prepare.py's docstring)
         train_docs, val_docs = prepare.load_documents(data_dir, "train"), prepare.load_documents(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    tok = get_tokenizer(meta["tokenizer"])
     wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
     wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
     if wrong:
@@ -235,12 +236,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         tokens_seen, saved_step = last_eval["tokens"], start_step
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        restart_log(metrics_path, start_step if resuming[0] else None)
+        remove_run_temps(cfg.out_dir, say)
+        restart_log(metrics_path, start_step if resuming[0] else None, say)
 
     def log(event: dict) -> None:
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            log_event(metrics_path, event)
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -359,6 +360,18 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def check_data_settings(config: dict) -> None:
+    """The data settings that UL2Batches would reject only after the data is read: one line, before anything."""
+    try:
+        ul2.mixture(config["mixture"])
+    except ValueError as e:
+        raise SystemExit(f"--mixture={config['mixture']!r}: {e}") from None
+    short = [f"--{k}={config[k]}" for k in ("encoder_len", "decoder_len") if config[k] < ul2.MIN_LEN]
+    if short:
+        raise SystemExit(f"{', '.join(short)}: encoder_len and decoder_len must be at least {ul2.MIN_LEN} (the mode token, "
+                         "sentinels, spans and eos of a UL2 example must fit)")
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int) -> float:
