@@ -107,7 +107,7 @@ def write_failed(path: str, err: OSError, needed: int | None, written: int | Non
         free = f"{human(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)} free"
     except OSError:
         free = "free space unknown"
-    size = f", {human(needed)} needed" if needed else f", more than {human(written)} needed" if written else ""
+    size = f", {human(needed)} needed" if needed else f", failed after writing {human(written)}" if written else ""
     return WriteFailed(f"could not write {path}: {err.strerror or os.strerror(err.errno)} ({free} on its disk{size})"
                        + (f"; {then}" if then else ""))
 

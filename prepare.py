@@ -283,8 +283,8 @@ def load_tokenizer(data_dir: str) -> Tokenizer:
     """The tokenizer meta.json names, checked against the one it recorded (check_tokenizer); one line if it
     cannot be loaded here."""
     meta = load_meta(data_dir)
-    tok = _load_tokenizer(meta["tokenizer"], f"{data_dir}/meta.json names it; run `{_run_hint(data_dir)}` with a "
-                                             "tokenizer that loads here")
+    tok = _load_tokenizer(meta["tokenizer"], f"or tokenize {data_dir} again with one that loads here (its meta.json "
+                                             f"names {meta['tokenizer']!r}): `{_run_hint(data_dir)} --tokenizer mistral`")
     check_tokenizer(data_dir, tok)
     return tok
 
@@ -632,6 +632,11 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
         "pad_id": tok.pad_id, "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]],
         "dtype": "uint16", "instruct": instruct, "sources": sources,
     }
+    # a prepare.py killed mid-write left its temp files: this one owns the directory now
+    shards = shard_files(instruct)
+    for directory in sorted({os.path.dirname(os.path.join(out_dir, name)) for name in shards}):
+        if os.path.isdir(directory):
+            remove_stale_temps(directory, [os.path.basename(n) for n in shards] + ["meta.json"])
     if _up_to_date(out_dir, meta):
         print(f"{out_dir} is up to date (same sources and tokenizer); delete its meta.json to rebuild")
         return load_meta(out_dir)
@@ -639,11 +644,6 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.unlink(meta_path)  # the old meta must not describe the half-written new shards
-    # a prepare.py killed mid-write left its temp files: this one owns the directory now
-    shards = shard_files(instruct)
-    for directory in {os.path.dirname(os.path.join(out_dir, name)) for name in shards}:
-        if os.path.isdir(directory):
-            remove_stale_temps(directory, [os.path.basename(n) for n in shards] + ["meta.json"])
     counts = {}
     # the small val split first: a malformed --val file fails in seconds, not after the train file's minutes
     for s in sorted(sources, key=lambda s: s["split"] != "val"):

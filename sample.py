@@ -146,20 +146,21 @@ def check_args(args: argparse.Namespace) -> None:
 def check_budget(args: argparse.Namespace, model, device: torch.device, rows: int, prompt_len: int) -> None:
     """Refuse a generation whose memory would not fit, with the largest --max-new-tokens and --num-beams that do."""
     free = available_memory(device) // 2  # the other half: activations, the allocator's slack, other processes
-
-    def needs(beams: int) -> int:
-        fixed, per_token = generation_bytes(model.cfg, rows, prompt_len, beams)
-        return fixed + per_token * args.max_new_tokens
-
-    if needs(args.num_beams) <= free:
-        return
     fixed, per_token = generation_bytes(model.cfg, rows, prompt_len, args.num_beams)
+    need = fixed + per_token * args.max_new_tokens
+    if need <= free:
+        return
     tokens = max(0, (free - fixed) // per_token)
-    beams = max((k for k in range(1, args.num_beams) if needs(k) <= free), default=0)
-    raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens:,} with --num-beams={args.num_beams} for {rows} prompt(s) "
-                     f"at a time needs {human(needs(args.num_beams))} for generation, over half of the "
-                     f"{human(2 * free)} free on {device}: at most {tokens:,} new tokens at this beam count"
-                     + (f", or at most {beams} beams at this length" if beams else "") + " (or a smaller --batch-size)")
+    per_beam = generation_bytes(model.cfg, rows, prompt_len, 2)[1] // 2 * args.max_new_tokens  # linear in beams
+    beams = (free - fixed) // per_beam
+    if beams < 2:  # greedy decoding keeps no second cache
+        greedy = generation_bytes(model.cfg, rows, prompt_len, 1)
+        beams = int(greedy[0] + greedy[1] * args.max_new_tokens <= free)
+    raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens:,} with --num-beams={args.num_beams:,} for {rows} "
+                     f"prompt(s) at a time needs {human(need)} for generation, over half of the {human(2 * free)} free "
+                     f"on {device}: at most {tokens:,} new tokens at this beam count"
+                     + (f", or at most {beams:,} beams at this length" if 0 < beams < args.num_beams else "")
+                     + " (or a smaller --batch-size)")
 
 
 def generation_bytes(cfg, rows: int, prompt_len: int, beams: int) -> tuple[int, int]:
