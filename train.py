@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     try:
         return train(config, model_cfg, rank, world, device)
     finally:
@@ -360,6 +360,21 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def init_process_group(backend: str, rank: int, world: int) -> None:
+    """dist.init_process_group on torchrun's store, under a key prefix of its own per restart attempt.
+
+    torchrun keeps ONE TCPStore for every attempt of a job, holding the keys the last attempt wrote. When a
+    worker dies before the process group is up (a kill in the first seconds), its peers' addresses stay there:
+    the restarted workers read them, connect to processes that no longer exist and fail in gloo's
+    connectFullMesh ("Connection refused"), using up --max-restarts (reproduced with torch 2.13, 2 CPU
+    workers, --max-restarts=1, one worker killed before init_process_group). A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) never sees the old keys."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"rot5/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
 
 
 def check_data_settings(config: dict) -> None:

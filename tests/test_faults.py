@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 
@@ -421,3 +422,37 @@ def test_sample_refuses_a_generation_that_cannot_fit(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", path, "--prompt", "Once upon a time", "--device", "cpu", *argv])
     assert "needs" in one_line(e) and "at most" in one_line(e) and message in one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun restarts
+
+
+WORKER = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 0 and rank == 1:  # killed before the process group is up, while rank 0 waits in it
+    time.sleep(2)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.init_process_group("gloo", rank, int(os.environ["WORLD_SIZE"]))
+x = torch.ones(1)
+dist.all_reduce(x)
+print(f"attempt {{attempt}} rank {{rank}}: all_reduce {{x.item():g}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_torchrun_restart_after_an_early_kill_connects(tmp_path):
+    """With torchrun's shared store and no per-attempt prefix, the restarted workers read the dead attempt's
+    gloo addresses and fail with "connectFullMesh failed ... Connection refused" (train.init_process_group)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(repo=REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--max-restarts=1", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if "all_reduce" in line) == \
+        ["attempt 1 rank 0: all_reduce 2", "attempt 1 rank 1: all_reduce 2"]
