@@ -22,7 +22,7 @@ in O(1), so a 500M-token corpus costs no RAM and no parsing at train time.
 Readers (the public API of this file): load_documents(dir, split) and load_pairs(dir, split) return
 Sequences of np.uint16 arrays without the eos, backed by np.memmap; load_meta(dir) returns meta.json;
 load_tokenizer(dir) the tokenizer that made the directory. Nothing damaged gets past them: they check sizes,
-the index, that every id is text and every shard's sha256 against meta.json (_verify, ~1 s per 700M tokens),
+the index, that every id is text and every shard's sha256 against meta.json (_verify, < 2 s per 700M tokens),
 and the tokenizer against the one meta.json recorded (check_tokenizer), each failure one line with the fix.
 
 Usage:
@@ -73,11 +73,11 @@ import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from diskio import atomic_write, remove_stale_temps  # noqa: F401 - atomic_write: also prepare.atomic_write
+from diskio import atomic_write, remove_stale_temps
 from tokenizer import Tokenizer, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -223,21 +223,22 @@ def _open(data_dir: str, stem: str, n_docs: int, n_tokens: int, meta: dict) -> D
     if len(docs) != n_docs or len(docs.tokens) != n_tokens + n_docs:
         raise ValueError(f"{bin_path} has {len(docs)} documents / {len(docs.tokens)} tokens but meta.json says "
                          f"{n_docs} / {n_tokens + n_docs} (with eos): run `{_run_hint(data_dir)}` again")
-    _verify(docs, data_dir, stem, meta)
+    _verify(docs, data_dir, meta)
     return docs
 
 
 SCAN_BLOCK = 1 << 24  # tokens per block of _verify's pass: 32 MB, whatever the shard's size
 
 
-def _verify(docs: Documents, data_dir: str, stem: str, meta: dict) -> None:
+def _verify(docs: Documents, data_dir: str, meta: dict) -> None:
     """What a damaged shard would otherwise show only hours into a run, or never: one pass over the memmap
     checks that every id is text (below pad_id, the first special id; a document ends in eos) and that the
-    file still has the sha256 prepare.py recorded (a flipped byte that stays in range). Cost, measured on
-    700M tokens (full TinyStories-Instruct, tiled real tokens, page cache warm; BENCHMARKS.md): 1.1 s on one
-    EPYC core, nearly all of it sha256 (hashlib, SHA-NI); a cold cache adds one read of the file, which the
-    id scan needs anyway. Cheap enough to run at every start, so train.py and finetune.py never train on a
-    shard that differs from what prepare.py wrote (a sampled check would miss single flips)."""
+    file still has the sha256 prepare.py recorded (a flipped byte that stays in range). Measured on a shard the
+    size of TinyStories-Instruct's train split (688M tokens, real tokens tiled, page cache warm; bench.py g):
+    1.65-1.77 s on one core of a busy 2-core EPYC, ~1.0 s of it sha256 (hashlib, SHA-NI) and 0.08 s the id
+    scan; a cold cache adds one read of the file, which the id scan needs anyway. That is cheap enough to do in
+    full at every start, so train.py and finetune.py never train on a shard that differs from what prepare.py
+    wrote; a sampled checksum would miss single flipped bytes."""
     fix = f"run `{_run_hint(data_dir)}` again (it rebuilds damaged files)"
     tokens, h, bad = docs.tokens, hashlib.sha256(), None
     for start in range(0, len(tokens), SCAN_BLOCK):

@@ -24,7 +24,7 @@ lines when the text holds any; they are generated --batch-size at a time.
 An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
 config has none) is an error, not silently cut. So is a --max-new-tokens x --num-beams x --batch-size whose
 decoder cache (allocated for the whole budget up front) would not fit in half of the free memory: the
-message gives the largest budget that fits (generation_budget).
+message gives the largest budget that fits (check_budget).
 """
 from __future__ import annotations
 
