@@ -415,7 +415,8 @@ def save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt  # only reached when draw_charts could import it
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)  # 700 x 400 pixels: a few tens of KB
+    with prepare.atomic_write(path, then=AGAIN) as f:
+        fig.savefig(f, format="png", dpi=100)  # 700 x 400 pixels: a few tens of KB
     plt.close(fig)
     say(f"wrote {path}")
 

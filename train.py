@@ -28,6 +28,8 @@ and dropout masks too (torch is seeded per micro-batch). So 1 process x 4 accumu
 processes x 1 step see the same examples and make the same update, and a resumed run (the checkpoint's
 step is its data position) makes the very updates of an uninterrupted one (a log interval that straddles
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
+A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
+(README.md, "What survives what").
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
