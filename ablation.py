@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     labels = {v.name: v.label for v in VARIANTS}
     table = results_table(pre, post, labels, args.scale)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with prepare.atomic_write(os.path.join(args.out, "results.md"), "w", then=AGAIN) as f:
         f.write(table)
     print(table)
     draw_charts(args.out, pre, post, labels)
@@ -415,7 +415,8 @@ def save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt  # only reached when draw_charts could import it
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)  # 700 x 400 pixels: a few tens of KB
+    with prepare.atomic_write(path, then=AGAIN) as f:
+        fig.savefig(f, format="png", dpi=100)  # 700 x 400 pixels: a few tens of KB
     plt.close(fig)
     say(f"wrote {path}")
 
@@ -505,8 +506,13 @@ def shown(arg: str) -> str:
     return os.path.relpath(arg, HERE) if os.path.isabs(arg) and arg.startswith(HERE) else arg
 
 
+# how to go on after a write failed for lack of space (diskio.WriteFailed)
+AGAIN = ("free some space, then run the same ablation.py command again: finished runs are skipped and an interrupted "
+         "one resumes from its checkpoint")
+
+
 def write_json(path: str, obj: dict) -> None:
-    with prepare.atomic_write(path, "w") as f:  # a crash never leaves half a state file
+    with prepare.atomic_write(path, "w", then=AGAIN) as f:  # a crash never leaves half a state file
         json.dump(obj, f, indent=1)
 
 

@@ -14,12 +14,14 @@ from other processes slows both alike and the ratio stays meaningful on a busy m
     e  prepare.py tokenization (prepare.tokenize_file) vs raw SentencePiece on the same text, one core
     f  pre-training throughput (GPU mode): rot5_mini tokens/s and MFU, projected time of the seed's 1.37B-token
        Chinchilla pre-training, Switch MoE step time vs dense at equal active parameters, peak memory
-    g  packed rows (ul2.pack_rows): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
+    g  the data checks every train.py / finetune.py start makes (prepare.load_documents: sizes, index, ids in
+       range, sha256) on a shard the size of TinyStories-Instruct's train split (real tokens, tiled), one core
+    h  packed rows (ul2.pack_rows): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
        compiled) one example per row vs packed, and the real tokens/s of a rot5_mini training step on the same
        documents in both layouts (with --compile: compiled, and eager packed vs eager padding-skip)
 
 Usage:
-    python bench.py                          # a-e on the CPU, fp32, all cores (the table in BENCHMARKS.md)
+    python bench.py                          # a-e, g, h on the CPU, fp32, all cores (the table in BENCHMARKS.md)
     python bench.py --markdown               # the same, the table printed as markdown for BENCHMARKS.md
     python bench.py --quick                  # tiny shapes, seconds: checks that everything runs (the smoke test)
     python bench.py --only a,b --threads 2
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import re
@@ -56,7 +59,7 @@ from tokenizer import get_tokenizer, mistral_model_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES = os.path.join(HERE, "data", "sample", "stories.txt")
-SECTIONS = "abcdefg"
+SECTIONS = "abcdefgh"
 SEED_PRETRAIN_TOKENS = 2 * 684_805_492  # the seed's Chinchilla run: 2 epochs of TinyStories-Instruct (1.37B)
 TARGETS = {"train_t5": 1.3, "train_mini": 1.5, "greedy_t5": 3.0, "beam_t5": 2.0}  # ROT5 / HF speed, on the CPU
 
@@ -74,6 +77,7 @@ class Setup(NamedTuple):
     num_beams: int
     ul2_batch: int         # documents per UL2 batch
     prepare_bytes: int | None  # bytes of stories.txt to tokenize (None: all of it)
+    check_tokens: int      # tokens (with eos) of section g's shard
     warmup: int
     iters: int
 
@@ -85,14 +89,15 @@ def full_setup(device: torch.device) -> Setup:
     train_batch = 8 if device.type == "cpu" else read_config("t5_base.py")["micro_batch_size"]
     return Setup(t5, read_arch("rot5_mini.py"), train_batch=train_batch, encoder_len=512,
                  decoder_len=256, prompt_len=256, new_tokens=64, beam_batch=8, num_beams=4, ul2_batch=64,
-                 prepare_bytes=None, warmup=1, iters=5 if device.type == "cpu" else 10)
+                 prepare_bytes=None, check_tokens=sum(prepare.SEED_COUNTS[("tinystories_instruct", "train")]),
+                 warmup=1, iters=5 if device.type == "cpu" else 10)
 
 
 def quick_setup() -> Setup:
     tiny = dict(d_model=64, n_heads=4, head_dim=16, n_kv_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2)
     return Setup(read_arch("t5_base.py") | tiny, read_arch("rot5_mini.py") | tiny | dict(n_kv_heads=2),
                  train_batch=2, encoder_len=64, decoder_len=32, prompt_len=32, new_tokens=8, beam_batch=2,
-                 num_beams=4, ul2_batch=16, prepare_bytes=200_000, warmup=1, iters=2)
+                 num_beams=4, ul2_batch=16, prepare_bytes=200_000, check_tokens=1_000_000, warmup=1, iters=2)
 
 
 def read_config(config_file: str) -> dict:
@@ -421,6 +426,36 @@ def bench_prepare(args, setup: Setup, tok, notes: list[str]) -> list[Row]:
                        f"{n / t['sp']:,.0f} tok/s", t["sp"] / t["prepare"], None))]
 
 
+def bench_checks(args, setup: Setup, tok, docs, notes: list[str]) -> list[Row]:
+    """g: prepare.load_documents on a shard of setup.check_tokens real tokens (the sample's stories, tiled), with
+    the meta.json prepare.py would write; the page cache is warm (the shard was just written)."""
+    import tempfile
+
+    one = np.concatenate([np.append(d, tok.eos_id) for d in docs]).astype(np.uint16)   # (tokens + eos,)
+    lengths = np.array([len(d) for d in docs])
+    reps = -(-setup.check_tokens // len(one))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "train.bin"), "wb") as f:
+            for _ in range(reps):
+                f.write(one.tobytes())
+        all_lengths = np.tile(lengths, reps)
+        offsets = np.concatenate([[0], np.cumsum(all_lengths + 1)])
+        np.save(os.path.join(d, "train.idx.npy"), offsets)
+        meta = {"format": prepare.FORMAT, "tokenizer": tok.name, "pad_id": tok.pad_id, "eos_id": tok.eos_id,
+                "splits": {"train": {"documents": len(all_lengths), "tokens": int(all_lengths.sum())}},
+                "shard_sha256": {n: prepare.sha256_file(os.path.join(d, n)) for n in ("train.bin", "train.idx.npy")}}
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        with one_core():
+            t = median_times({"checks": lambda: prepare.load_documents(d, "train")}, setup.warmup, max(setup.iters, 3),
+                             torch.device("cpu"))
+    n = len(one) * reps
+    notes.append(f"[g] a shard of {n:,} tokens ({n * 2 / 1e9:.2f} GB; the full TinyStories-Instruct train split is "
+                 f"{setup.check_tokens:,} with eos): the sample's {len(docs):,} stories tiled {reps}x, page cache warm")
+    return [report(Row("g", "start-up data checks, one core", "prepare.load_documents", f"{t['checks']:.2f} s", "",
+                       None, None))]
+
+
 def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str]) -> list[Row]:
     """rot5_mini at its config's micro batch: tokens/s, MFU, the seed's pre-training time; MoE vs dense."""
     # the config's micro batch (64) on a GPU; on a CPU section a's batch (8): at 64 the fp32 step was killed
@@ -486,7 +521,7 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
             b = batches.batch(g)
             enc, dec = enc + int(b.attention_mask.sum()), dec + int((b.labels != -100).sum())
             enc_pos, dec_pos = enc_pos + b.input_ids.numel(), dec_pos + b.labels.numel()
-        rows.append(report(Row("g", f"real tokens, {'packed' if pack else 'one example per row'}",
+        rows.append(report(Row("h", f"real tokens, {'packed' if pack else 'one example per row'}",
                                f"{n} UL2 batches of {B} stories, rows {setup.encoder_len} / {setup.decoder_len}",
                                f"{enc / enc_pos:.1%} enc, {dec / dec_pos:.1%} dec, "
                                f"{(enc + dec) / (enc_pos + dec_pos):.1%} all", "", None, None)))
@@ -500,14 +535,14 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
     real = sum(batch_tokens(batches[True]))   # the same documents and corruption in both layouts
     fns = {f"{'packed' if pack else 'padded'} {how}": train_step_fn(model, batches[pack], False, device, dtype, compile)
            for pack in (False, True) for how, compile in ((("compiled", True),) if args.compile else ()) + (("eager", False),)}
-    notes.append(f"[g] rows: one example per row {tuple(batches[False].input_ids.shape)} / "
+    notes.append(f"[h] rows: one example per row {tuple(batches[False].input_ids.shape)} / "
                  f"{tuple(batches[False].labels.shape)}, packed {tuple(batches[True].input_ids.shape)} / "
                  f"{tuple(batches[True].labels.shape)}, {real} real tokens; eager skips padding in everything "
                  "but attention, compiled (padded) does not")
     times = median_times(fns, setup.warmup, setup.iters, device)
     for how in ("compiled", "eager") if args.compile else ("eager",):
         ref = "padding-skip" if how == "eager" else "padded"
-        rows.append(report(Row("g", f"train step, {how}, packed vs one example per row", f"rot5_mini, {B} stories",
+        rows.append(report(Row("h", f"train step, {how}, packed vs one example per row", f"rot5_mini, {B} stories",
                                f"{real / times[f'packed {how}']:,.0f} real tok/s",
                                f"{real / times[f'padded {how}']:,.0f} ({ref})",
                                times[f"padded {how}"] / times[f"packed {how}"], None)))
@@ -542,7 +577,7 @@ def report(row: Row) -> Row:
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations: runs in seconds")
-    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e and g; all on cuda)")
+    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e, g, h; all on cuda)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile both models for the training steps")
@@ -552,7 +587,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = p.parse_args(argv)
 
     device = train.resolve_device(args.device)
-    default = "abcdefg" if device.type == "cuda" or args.quick else "abcdeg"
+    default = "abcdefgh" if device.type == "cuda" or args.quick else "abcdegh"
     sections = args.only.replace(",", "") if args.only else default
     if not sections or set(sections) - set(SECTIONS):
         raise SystemExit(f"--only {args.only!r}: choose sections among {','.join(SECTIONS)}")
@@ -567,7 +602,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     setup = quick_setup() if args.quick else full_setup(device)
     tok = get_tokenizer("mistral")
     print(machine(device, args.threads), flush=True)
-    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdfg") else []
+    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdfgh") else []
     rows: list[Row] = []
     notes: list[str] = []
     if "a" in sections:
@@ -583,6 +618,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if "f" in sections:
         rows += bench_pretrain(args, setup, tok, docs, device, dtype, notes)
     if "g" in sections:
+        rows += bench_checks(args, setup, tok, docs, notes)
+    if "h" in sections:
         rows += bench_packing(args, setup, tok, docs, device, dtype, notes)
     mode = (f"{args.dtype}{' autocast' if dtype != torch.float32 else ''}, "
             f"{'torch.compile (training steps)' if args.compile else 'eager'}")

@@ -1,4 +1,5 @@
-"""Checkpoints: an atomic save, loading with one-line errors, and load_model for the scripts downstream.
+"""Checkpoints: an atomic save, loading with one-line errors, and load_model for the scripts downstream; the
+run directory of train.py and finetune.py (check_start, resume_run, the metrics log, stale temp files).
 
 A checkpoint is a dict (torch.save) with the keys
     kind          "pretrain" (train.py) | "finetune" (finetune.py)
@@ -16,6 +17,7 @@ opening a checkpoint never runs code from it.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from collections.abc import Callable
@@ -24,35 +26,29 @@ import random
 import numpy as np
 import torch
 
+from diskio import append_line, atomic_write, remove_stale_temps
+
 REQUIRED_KEYS = ("kind", "model", "model_config", "tokenizer", "config", "step")
 
 
 def save_checkpoint(path: str, obj: dict) -> None:
-    """torch.save(obj, path) so that path always holds a whole checkpoint, the old one or the new one.
+    """torch.save(obj, path) so that path always holds a whole checkpoint, the old one or the new one
+    (diskio.atomic_write: a crash, a kill -9 or a full disk at any point leaves the old file intact). Lack of
+    space ends the run with one line (diskio.WriteFailed) that says how to resume from the old checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "wb", needed=_tensor_bytes(obj), then=resume_hint(path)) as f:
+        torch.save(obj, f)
 
-    Write a temporary file in the same directory (os.replace is atomic only within one file system), fsync it
-    so its bytes are on disk before the rename makes it visible, rename it over path, then fsync the
-    directory so the rename itself survives a power cut. A crash at any point leaves the old file intact.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if os.name == "posix":  # directories cannot be opened for fsync on Windows
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list: what a checkpoint needs on disk, give or take its metadata."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -130,13 +126,55 @@ def resume_run(ckpt_path: str, kind: str, model: torch.nn.Module, optimizer: tor
     return ckpt["step"], ckpt["metrics"]
 
 
-def restart_log(metrics_path: str, resumed_step: int | None) -> None:
+def restart_log(metrics_path: str, resumed_step: int | None, say: Callable[[str], None] = print) -> None:
     """A run's metrics.jsonl at its start: empty for a new run (resumed_step None); for a resumed one, the
-    events up to its checkpoint's step (a crashed run may have logged steps past it)."""
-    events = [line for line in open(metrics_path) if json.loads(line)["step"] <= resumed_step] \
-        if resumed_step is not None and os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as f:
+    events up to its checkpoint's step (a crashed run may have logged steps past it). A run killed mid-append
+    leaves a last line without its newline: it is dropped, with a note. Rewritten atomically, so a crash
+    here cannot lose the log either."""
+    events: list[bytes] = []
+    if resumed_step is not None and os.path.exists(metrics_path):
+        with open(metrics_path, "rb") as f:
+            *lines, torn = f.read().split(b"\n")  # every append ends in a newline: torn is b"" unless cut short
+        if torn:
+            say(f"note: dropped the last line of {metrics_path} ({len(torn)} bytes without a newline: the run was "
+                "stopped while writing it)")
+        for number, line in enumerate(lines, 1):
+            try:
+                keep = json.loads(line)["step"] <= resumed_step
+            except (ValueError, TypeError, KeyError):  # (UnicodeDecodeError is a ValueError)
+                raise SystemExit(f"{metrics_path} line {number} is not a metrics event ({line[:60]!r}): delete that "
+                                 "line, then resume again") from None
+            if keep:
+                events.append(line + b"\n")
+    with atomic_write(metrics_path, "wb", then=resume_hint(os.path.join(os.path.dirname(metrics_path), "ckpt.pt"))) as f:
         f.writelines(events)
+
+
+def log_event(metrics_path: str, event: dict) -> None:
+    """Append one event to a run's metrics.jsonl; lack of space is one line that says how to resume."""
+    append_line(metrics_path, json.dumps(event) + "\n",
+                then=resume_hint(os.path.join(os.path.dirname(metrics_path), "ckpt.pt")))
+
+
+def resume_hint(ckpt_path: str) -> str:
+    """What a run that cannot write any more keeps, and how to go on: for the one-line error of diskio."""
+    if os.path.exists(ckpt_path):
+        return (f"the last checkpoint, {ckpt_path}, is intact: free some space, then continue the run with the same "
+                "command and --resume=True")
+    return "no checkpoint was written yet: free some space, then run the same command again"
+
+
+# the files a run writes in its out_dir with diskio.atomic_write: their temp files are the run's own
+RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl"]
+
+
+def remove_run_temps(out_dir: str, say: Callable[[str], None] = print) -> None:
+    """At a run's start in out_dir: delete the temp files of writes that a kill interrupted (a checkpoint-sized
+    one per kill; before diskio, checkpoints used ckpt.pt.tmp<pid>, removed too)."""
+    remove_stale_temps(out_dir, RUN_FILES, say)
+    for legacy in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.pt.tmp*")):
+        os.unlink(legacy)
+        say(f"removed {legacy}, left by an interrupted checkpoint save")
 
 
 def first_line(e: BaseException) -> str:

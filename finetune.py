@@ -57,7 +57,8 @@ import torch
 from rouge_score import rouge_scorer
 
 import prepare
-from checkpoint import check_start, load_model, random_states, restart_log, resume_run, save_checkpoint
+from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
+                        resume_run, save_checkpoint)
 from configurator import check_ranges, configure
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
@@ -104,15 +105,20 @@ def main(argv: list[str]) -> dict:
                                 "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
                                 "max_bad_steps"),
                  non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
+    if cfg["decoder_len"] < 2:  # 1 would train the model to answer every story with eos alone
+        raise SystemExit(f"--decoder_len={cfg['decoder_len']} leaves no room for a summary before the eos: it must be >= 2")
     device = resolve_device(cfg["device"])
     # bf16 autocast on CUDA as in pre-training; fp32 on CPU, where bf16 matmuls are slow and inexact.
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     check_start(ckpt_path, cfg["resume"])  # never overwrite a fine-tuned model by starting again
-    os.makedirs(cfg["out_dir"], exist_ok=True)
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
+    try:  # the input format must fit encoder_len with room for a story (else: the first evaluation fails)
+        summarize_input([], tok, cfg["encoder_len"])
+    except ValueError as e:
+        raise SystemExit(f"--encoder_len={cfg['encoder_len']}: {e}") from None
     set_dropout(model, cfg["dropout"])
     data_dir = os.path.join("data", cfg["dataset"])  # as train.py: relative to the working directory
     try:
@@ -123,6 +129,10 @@ def main(argv: list[str]) -> dict:
     if data_tokenizer != tok.name:
         raise SystemExit(f"{data_dir} was tokenized with {data_tokenizer!r} but {cfg['init_from']} uses {tok.name!r}: "
                          f"run `python prepare.py {cfg['dataset']} --tokenizer {tok.name}` into another directory")
+    try:
+        prepare.check_tokenizer(data_dir, tok)  # the same name is not enough: the same model file and special ids
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
     n_val = min(cfg["eval_pairs"], len(val_pairs))
     if cfg["batch_size"] % cfg["micro_batch_size"]:
@@ -145,6 +155,9 @@ def main(argv: list[str]) -> dict:
     rng = np.random.default_rng(cfg["seed"])
     order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
 
+    # every setting and input checked: only now is out_dir made (a mistake above leaves nothing behind)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    remove_run_temps(cfg["out_dir"])
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     start_step, truncated, last_eval = 0, 0, {}  # truncated: training stories cut to encoder_len so far
     if cfg["resume"]:  # the pair order depends on the seed alone: restoring the state is enough
@@ -163,7 +176,7 @@ def main(argv: list[str]) -> dict:
             t_eval = time.perf_counter()
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
-            log(metrics_path, last_eval)
+            log_event(metrics_path, last_eval)
             write_predictions(os.path.join(cfg["out_dir"], "predictions.jsonl"), rows)
             print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
@@ -203,7 +216,7 @@ def main(argv: list[str]) -> dict:
                 since_log[key] += value
         else:
             bad_in_a_row += 1
-            log(metrics_path, {"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
+            log_event(metrics_path, {"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
             print(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
             if bad_in_a_row >= cfg["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; "
@@ -216,7 +229,7 @@ def main(argv: list[str]) -> dict:
             event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / n, "lm_loss": since_log["lm_loss"] / n,
                      "lr": lr, "grad_norm": since_log["grad_norm"] / n, "tok_per_s": since_log["tokens"] / dt,
                      "train_truncated": truncated}
-            log(metrics_path, event)
+            log_event(metrics_path, event)
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s")
             since_log, t_log = dict.fromkeys(since_log, 0.0), time.perf_counter()
 
@@ -334,13 +347,8 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             m.p = p
 
 
-def log(path: str, event: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(event) + "\n")
-
-
 def write_predictions(path: str, rows: list[dict]) -> None:
-    with prepare.atomic_write(path, "w") as f:
+    with prepare.atomic_write(path, "w", then=resume_hint(os.path.join(os.path.dirname(path), "ckpt.pt"))) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

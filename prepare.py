@@ -6,8 +6,9 @@ in O(1), so a 500M-token corpus costs no RAM and no parsing at train time.
 
     data/<dataset>/
         meta.json             tokenizer (name, sha256 of its model file, vocab size, special ids), per-split
-                              counts (documents, tokens, skipped, bad bytes, pairs), source files with sha256.
-                              Written last: a directory without it is unfinished.
+                              counts (documents, tokens, skipped, bad bytes, pairs), source files with sha256,
+                              shard_sha256 (sha256 of every file below). Written last: a directory without
+                              it is unfinished.
         train.bin             uint16 [doc_0, eos, doc_1, eos, ...]                          (n_tokens + n_docs,)
         train.idx.npy         int64 start offset of every document, then the end of the array (n_docs + 1,)
         val.bin, val.idx.npy  the same for the validation split
@@ -19,7 +20,10 @@ in O(1), so a 500M-token corpus costs no RAM and no parsing at train time.
     document i = bin[idx[i] : idx[i+1] - 1]      (bin[idx[i+1] - 1] is the eos)
 
 Readers (the public API of this file): load_documents(dir, split) and load_pairs(dir, split) return
-Sequences of np.uint16 arrays without the eos, backed by np.memmap; load_meta(dir) returns meta.json.
+Sequences of np.uint16 arrays without the eos, backed by np.memmap; load_meta(dir) returns meta.json;
+load_tokenizer(dir) the tokenizer that made the directory. Nothing damaged gets past them: they check sizes,
+the index, that every id is text and every shard's sha256 against meta.json (_verify, < 2 s per 700M tokens),
+and the tokenizer against the one meta.json recorded (check_tokenizer), each failure one line with the fix.
 
 Usage:
     python prepare.py sample               # bundled real sample data/sample/stories.txt -> data/sample/
@@ -49,10 +53,12 @@ Details
   multiprocessing Pool tokenizes blocks in parallel, each worker building its tokenizer once and encoding a
   whole block of records in one batched SentencePiece call; the parent only writes results, in file order.
   bench.py times tokenize_file(), the same generator prepare() writes to disk from.
-- Re-running with the same sources (sha256) and tokenizer (sha256 of its model file) prints "up to date"
-  and touches nothing. Every file is written to a temp file in the same directory and os.replace'd into
-  place; meta.json is removed first and written last, so a crash never leaves a meta.json that describes
-  other shards.
+- Re-running with the same sources (sha256) and tokenizer (sha256 of its model file), over shards that still
+  pass the readers' checks (their sha256 included), prints "up to date" and touches nothing; a damaged
+  shard is rebuilt. Every file is written by diskio.atomic_write (temp file in the same directory, fsync,
+  os.replace); meta.json is removed first and written last, so a crash never leaves a meta.json that
+  describes other shards, and the temp files a killed run left are removed by the next one. A full disk is
+  one line (diskio.WriteFailed).
 """
 from __future__ import annotations
 
@@ -64,14 +70,14 @@ import json
 import multiprocessing as mp
 import os
 import re
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import IO, NamedTuple
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 
+from diskio import atomic_write, remove_stale_temps
 from tokenizer import Tokenizer, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,9 +117,17 @@ class Documents(Sequence):
 
     def __init__(self, bin_path: str, idx_path: str):
         self.bin_path, self.idx_path = bin_path, idx_path
-        self.offsets = np.load(idx_path)  # (n_docs + 1,) int64: 17 MB for all of TinyStories, so in RAM
+        size = os.path.getsize(bin_path)
+        if size == 0 or size % 2:  # numpy's own errors name neither the file nor the fix
+            raise ValueError(f"{bin_path} is {size} bytes, not a whole number of uint16 tokens (> 0): it was cut "
+                             "short or overwritten; run prepare.py again")
+        try:
+            self.offsets = np.load(idx_path, allow_pickle=False)  # (n_docs + 1,) int64: 17 MB for all of TinyStories
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{idx_path} is not a readable index ({type(e).__name__}): it was cut short or replaced; "
+                             "run prepare.py again") from None
         self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")  # (n_tokens + n_docs,)
-        if self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0 \
+        if self.offsets.dtype.kind not in "iu" or self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0 \
                 or self.offsets[-1] != len(self.tokens) or np.any(np.diff(self.offsets) < 1):
             raise ValueError(f"{bin_path} ({len(self.tokens)} tokens) does not match its index {idx_path} "
                              f"(ends at {self.offsets[-1] if len(self.offsets) else None}): "
@@ -185,7 +199,7 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 
-def _split_meta(data_dir: str, split: str) -> dict:
+def _split_meta(data_dir: str, split: str) -> tuple[dict, dict]:
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         raise ValueError(f"{data_dir} has no {split} split (no meta.json: not prepared, or preparation did not "
                          f"finish): run `{_run_hint(data_dir)}` first")
@@ -193,37 +207,102 @@ def _split_meta(data_dir: str, split: str) -> dict:
     if split not in meta["splits"]:
         raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): "
                          f"run `{_run_hint(data_dir)}` first")
-    return meta["splits"][split]
+    return meta, meta["splits"][split]
 
 
-def _open(data_dir: str, stem: str, n_docs: int, n_tokens: int) -> Documents:
+def _open(data_dir: str, stem: str, n_docs: int, n_tokens: int, meta: dict) -> Documents:
+    """data_dir/stem.bin + .idx.npy, checked against meta.json before any step uses them (_verify)."""
     bin_path, idx_path = os.path.join(data_dir, stem + ".bin"), os.path.join(data_dir, stem + ".idx.npy")
     for p in (bin_path, idx_path):
         if not os.path.exists(p):
             raise ValueError(f"{p} is missing although meta.json lists it: run `{_run_hint(data_dir)}` again")
-    docs = Documents(bin_path, idx_path)
+    try:
+        docs = Documents(bin_path, idx_path)
+    except ValueError as e:  # (Documents alone cannot name the command that rebuilds the directory)
+        raise ValueError(str(e).replace("run prepare.py again", f"run `{_run_hint(data_dir)}` again")) from None
     if len(docs) != n_docs or len(docs.tokens) != n_tokens + n_docs:
         raise ValueError(f"{bin_path} has {len(docs)} documents / {len(docs.tokens)} tokens but meta.json says "
                          f"{n_docs} / {n_tokens + n_docs} (with eos): run `{_run_hint(data_dir)}` again")
+    _verify(docs, data_dir, meta)
     return docs
+
+
+SCAN_BLOCK = 1 << 24  # tokens per block of _verify's pass: 32 MB, whatever the shard's size
+
+
+def _verify(docs: Documents, data_dir: str, meta: dict) -> None:
+    """What a damaged shard would otherwise show only hours into a run, or never: one pass over the memmap
+    checks that every id is text (below pad_id, the first special id; a document ends in eos) and that the
+    file still has the sha256 prepare.py recorded (a flipped byte that stays in range). Measured on a shard the
+    size of TinyStories-Instruct's train split (688M tokens, real tokens tiled, page cache warm; bench.py g):
+    1.65-1.77 s on one core of a busy 2-core EPYC, ~1.0 s of it sha256 (hashlib, SHA-NI) and 0.08 s the id
+    scan; a cold cache adds one read of the file, which the id scan needs anyway. That is cheap enough to do in
+    full at every start, so train.py and finetune.py never train on a shard that differs from what prepare.py
+    wrote; a sampled checksum would miss single flipped bytes."""
+    fix = f"run `{_run_hint(data_dir)}` again (it rebuilds damaged files)"
+    tokens, h, bad = docs.tokens, hashlib.sha256(), None
+    for start in range(0, len(tokens), SCAN_BLOCK):
+        block = tokens[start:start + SCAN_BLOCK]
+        h.update(block)
+        if bad is None and int(block.max()) >= meta["pad_id"]:
+            bad = start + int(np.argmax(block >= meta["pad_id"]))
+    if bad is not None:
+        pos, doc = bad, int(np.searchsorted(docs.offsets, bad, side="right")) - 1
+        raise ValueError(f"{docs.bin_path} holds id {int(tokens[pos])} at token {pos:,} (document {doc:,}), but text ids "
+                         f"are below {meta['pad_id']} (tokenizer {meta['tokenizer']!r}): the file is damaged; {fix}")
+    ends = docs.offsets[1:] - 1
+    if np.any(tokens[ends] != meta["eos_id"]):
+        doc = int(np.flatnonzero(tokens[ends] != meta["eos_id"])[0])
+        raise ValueError(f"document {doc:,} of {docs.bin_path} does not end in eos ({meta['eos_id']}) where "
+                         f"{docs.idx_path} says: the two files do not belong together; {fix}")
+    recorded = meta.get("shard_sha256", {})
+    for path, digest in ((docs.bin_path, h.hexdigest()), (docs.idx_path, None)):
+        name = os.path.relpath(path, data_dir)
+        if name in recorded and (digest or sha256_file(path)) != recorded[name]:
+            raise ValueError(f"{path} has changed since prepare.py wrote it (its sha256 is not the one in "
+                             f"{os.path.join(data_dir, 'meta.json')}): the file is damaged; {fix}")
 
 
 def load_documents(data_dir: str, split: str) -> Documents:
     """All documents (pre-training text) of a split: len(docs), docs[i] -> np.uint16 array without eos."""
-    s = _split_meta(data_dir, split)
-    return _open(data_dir, split, s["documents"], s["tokens"])
+    meta, s = _split_meta(data_dir, split)
+    return _open(data_dir, split, s["documents"], s["tokens"], meta)
 
 
 def load_pairs(data_dir: str, split: str) -> Pairs:
     """(story, summary) pairs of an instruct split: pairs[i] -> (np.uint16 story, np.uint16 summary), no eos."""
-    s = _split_meta(data_dir, split)
+    meta, s = _split_meta(data_dir, split)
     if "pairs" not in s:
         raise ValueError(f"{data_dir} has no (story, summary) pairs: only instruct datasets do; "
                          "run `python prepare.py sample_instruct` (or tinystories_instruct) and use that directory")
     p = s["pairs"]
-    pairs_dir = os.path.join(data_dir, "pairs")
-    return Pairs(_open(pairs_dir, f"{split}_story", p["pairs"], p["story_tokens"]),
-                 _open(pairs_dir, f"{split}_summary", p["pairs"], p["summary_tokens"]))
+    return Pairs(_open(data_dir, f"pairs/{split}_story", p["pairs"], p["story_tokens"], meta),
+                 _open(data_dir, f"pairs/{split}_summary", p["pairs"], p["summary_tokens"], meta))
+
+
+def load_tokenizer(data_dir: str) -> Tokenizer:
+    """The tokenizer meta.json names, checked against the one it recorded (check_tokenizer); one line if it
+    cannot be loaded here."""
+    meta = load_meta(data_dir)
+    tok = _load_tokenizer(meta["tokenizer"], f"or tokenize {data_dir} again with one that loads here (its meta.json "
+                                             f"names {meta['tokenizer']!r}): `{_run_hint(data_dir)} --tokenizer mistral`")
+    check_tokenizer(data_dir, tok)
+    return tok
+
+
+def check_tokenizer(data_dir: str, tok: Tokenizer) -> None:
+    """tok must be the tokenizer that made data_dir: the same model file (sha256) and the same special ids, or
+    the ids on disk mean other words (or nothing): one line naming what differs."""
+    meta = load_meta(data_dir)
+    here = {"tokenizer": tok.name, "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": tok.vocab_size,
+            "base_vocab_size": tok.base_vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]]}
+    wrong = [k for k, v in here.items() if meta.get(k) != v]
+    if wrong:
+        k, also = wrong[0], f"; also {', '.join(wrong[1:])}" if wrong[1:] else ""
+        raise ValueError(f"{data_dir}/meta.json does not match the {tok.name!r} tokenizer here ({k} {meta.get(k)!r} in "
+                         f"meta.json, {here[k]!r} here{also}): the data was tokenized by another tokenizer version, or "
+                         f"meta.json was edited; run `{_run_hint(data_dir)}` again")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -414,29 +493,22 @@ def tokenize_file(path: str, tok: Tokenizer, workers: int = 1, instruct: bool = 
 # Writing
 
 
-@contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temp file in the same directory (same filesystem), then os.replace it into place."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other written file
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def shard_files(instruct: bool) -> list[str]:
+    """The files a prepared directory holds besides meta.json, relative to it (the module docstring)."""
+    stems = [*SPLITS, *(f"pairs/{split}_{part}" for split in SPLITS for part in ("story", "summary") if instruct)]
+    return [stem + ext for stem in stems for ext in (".bin", ".idx.npy")]
 
 
-def _write_index(path: str, lengths: list[np.ndarray]) -> None:
+def _retry_note(out_dir: str) -> str:
+    """For a write that failed for lack of space: what is left, and how to go on."""
+    return (f"{out_dir} has no meta.json until a run finishes (readers refuse it): free some space, then run "
+            f"`{_run_hint(out_dir)}` again")
+
+
+def _write_index(path: str, lengths: list[np.ndarray], out_dir: str) -> None:
     offsets = np.zeros(sum(map(len, lengths)) + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lengths) + 1, out=offsets[1:])
-    with atomic_write(path) as f:
+    with atomic_write(path, needed=offsets.nbytes, then=_retry_note(out_dir)) as f:
         np.save(f, offsets)
 
 
@@ -452,9 +524,10 @@ def write_split(out_dir: str, split: str, path: str, tok: Tokenizer, workers: in
     pairs_dir = os.path.join(out_dir, "pairs")
     if instruct:
         os.makedirs(pairs_dir, exist_ok=True)
-    with atomic_write(os.path.join(out_dir, f"{split}.bin")) as f, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_story.bin")) if instruct else nullcontext()) as fs, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_summary.bin")) if instruct else nullcontext()) as fm, \
+    then = _retry_note(out_dir)
+    with atomic_write(os.path.join(out_dir, f"{split}.bin"), then=then) as f, \
+            (atomic_write(os.path.join(pairs_dir, f"{split}_story.bin"), then=then) if instruct else nullcontext()) as fs, \
+            (atomic_write(os.path.join(pairs_dir, f"{split}_summary.bin"), then=then) if instruct else nullcontext()) as fm, \
             tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
         pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
         for c in tokenize_file(path, tok, workers, instruct, start, stop):
@@ -480,10 +553,10 @@ def write_split(out_dir: str, split: str, path: str, tok: Tokenizer, workers: in
         if instruct and pairs["pairs"] == 0:
             raise ValueError(f"{path}: none of its {counts['documents']} records has both a Story: and a Summary: "
                              "field; is this a TinyStories-Instruct file?")
-    _write_index(os.path.join(out_dir, f"{split}.idx.npy"), lengths)
+    _write_index(os.path.join(out_dir, f"{split}.idx.npy"), lengths, out_dir)
     if instruct:
-        _write_index(os.path.join(pairs_dir, f"{split}_story.idx.npy"), pair_lengths[0])
-        _write_index(os.path.join(pairs_dir, f"{split}_summary.idx.npy"), pair_lengths[1])
+        _write_index(os.path.join(pairs_dir, f"{split}_story.idx.npy"), pair_lengths[0], out_dir)
+        _write_index(os.path.join(pairs_dir, f"{split}_summary.idx.npy"), pair_lengths[1], out_dir)
         counts["pairs"] = pairs
     return counts
 
@@ -560,6 +633,11 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
         "pad_id": tok.pad_id, "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]],
         "dtype": "uint16", "instruct": instruct, "sources": sources,
     }
+    # a prepare.py killed mid-write left its temp files: this one owns the directory now
+    shards = shard_files(instruct)
+    for directory in sorted({os.path.dirname(os.path.join(out_dir, name)) for name in shards}):
+        if os.path.isdir(directory):
+            remove_stale_temps(directory, [os.path.basename(n) for n in shards] + ["meta.json"])
     if _up_to_date(out_dir, meta):
         print(f"{out_dir} is up to date (same sources and tokenizer); delete its meta.json to rebuild")
         return load_meta(out_dir)
@@ -573,29 +651,40 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
         counts[s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
                                          s["start"], s["stop"], desc=f"{dataset} {s['split']}")
     meta["splits"] = {split: counts[split] for split in SPLITS}
-    with atomic_write(meta_path, "w") as f:
+    # one more read of every shard (from the page cache): readers verify damage against these (_verify)
+    meta["shard_sha256"] = {name: sha256_file(os.path.join(out_dir, name)) for name in shards}
+    with atomic_write(meta_path, "w", then=_retry_note(out_dir)) as f:
         json.dump(meta, f, indent=1)
     print_table(meta)
     return meta
 
 
-def _load_tokenizer(name: str) -> Tokenizer:
+def _load_tokenizer(name: str, fix: str = "or use --tokenizer mistral") -> Tokenizer:
+    """get_tokenizer(name), or one line that says why it cannot load and (fix) what to do instead."""
     try:
         return get_tokenizer(name)
     except OSError as e:  # tiktoken fetches its BPE file on first use; offline that is a network error
         raise ValueError(f"the {name} tokenizer could not load its vocabulary ({type(e).__name__}): tiktoken "
                          "downloads the GPT-2 BPE file once; run once with network access (or copy a filled "
-                         "TIKTOKEN_CACHE_DIR), or use --tokenizer mistral") from None
+                         f"TIKTOKEN_CACHE_DIR), {fix}") from None
+    except ValueError as e:  # a name that is no tokenizer
+        raise ValueError(f"{str(e).splitlines()[0]}; {fix}") from None
 
 
 def _up_to_date(out_dir: str, meta: dict) -> bool:
     try:
         old = load_meta(out_dir)
-        for split in SPLITS:  # shards present and consistent with the index and the counts
+    except (ValueError, OSError):
+        return False
+    try:
+        if "shard_sha256" not in old:
+            raise ValueError("its meta.json records no shard checksums (an older prepare.py)")
+        for split in SPLITS:  # every shard as load_documents checks it: sizes, index, ids, checksum
             load_documents(out_dir, split)
             if meta["instruct"]:
                 load_pairs(out_dir, split)
-    except (ValueError, OSError, KeyError):
+    except (ValueError, OSError, KeyError) as e:
+        print(f"rebuilding {out_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return False
     key = ("format", "dataset", "tokenizer", "tokenizer_sha256", "vocab_size")
     same_sources = [(s["split"], s["sha256"], s["start"], s["stop"]) for s in old["sources"]] == \

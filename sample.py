@@ -22,11 +22,14 @@ never generated, so a half-trained model cannot print "<extra_id_12>" into a sto
 --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per line, or separated by <|endoftext|>
 lines when the text holds any; they are generated --batch-size at a time.
 An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
-config has none) is an error, not silently cut.
+config has none) is an error, not silently cut. So is a --max-new-tokens x --num-beams x --batch-size whose
+decoder cache (allocated for the whole budget up front) would not fit in half of the free memory: the
+message gives the largest budget that fits (check_budget).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +37,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import first_line, load_model
+from diskio import human
 from finetune import summarize_input, until_eos
 from tokenizer import Tokenizer
 from train import resolve_device
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise SystemExit(f"error: --denoiser picks the mode token of --mode fill; this is --mode {mode}")
     encoder_len = int(ckpt.get("config", {}).get("encoder_len", DEFAULT_ENCODER_LEN))
     inputs = [build_input(mode, p, k, tok, encoder_len, args.denoiser or "R") for k, p in enumerate(prompts)]
+    check_budget(args, model, device, rows=min(args.batch_size, len(inputs)), prompt_len=max(map(len, inputs)))
 
     torch.manual_seed(args.seed)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -136,6 +141,50 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.temperature is None:
         args.temperature = 1.0
+
+
+def check_budget(args: argparse.Namespace, model, device: torch.device, rows: int, prompt_len: int) -> None:
+    """Refuse a generation whose memory would not fit, with the largest --max-new-tokens and --num-beams that do."""
+    free = available_memory(device) // 2  # the other half: activations, the allocator's slack, other processes
+    fixed, per_token = generation_bytes(model.cfg, rows, prompt_len, args.num_beams)
+    need = fixed + per_token * args.max_new_tokens
+    if need <= free:
+        return
+    tokens = max(0, (free - fixed) // per_token)
+    per_beam = generation_bytes(model.cfg, rows, prompt_len, 2)[1] // 2 * args.max_new_tokens  # linear in beams
+    beams = (free - fixed) // per_beam
+    if beams < 2:  # greedy decoding keeps no second cache
+        greedy = generation_bytes(model.cfg, rows, prompt_len, 1)
+        beams = int(greedy[0] + greedy[1] * args.max_new_tokens <= free)
+    raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens:,} with --num-beams={args.num_beams:,} for {rows} "
+                     f"prompt(s) at a time needs {human(need)} for generation, over half of the {human(2 * free)} free "
+                     f"on {device}: at most {tokens:,} new tokens at this beam count"
+                     + (f", or at most {beams:,} beams at this length" if 0 < beams < args.num_beams else "")
+                     + " (or a smaller --batch-size)")
+
+
+def generation_bytes(cfg, rows: int, prompt_len: int, beams: int) -> tuple[int, int]:
+    """(bytes independent of the length, bytes per new token) of model.generate for rows prompts: the decoder's
+    KV cache (n_decoder_layers x K and V x n_kv_heads x head_dim values per position and sequence, allocated
+    for all of max_new_tokens up front; beam search keeps a second one to reorder into) and, for beam search,
+    its token tables (running, finished, 2K candidates and their concatenation: ~8K int64 per position)."""
+    value = 4  # fp32: the weights' dtype (bf16 autocast on a GPU halves it; the estimate stays on the safe side)
+    per_position = cfg.n_decoder_layers * 2 * cfg.n_kv_heads * cfg.head_dim * value
+    cross = rows * per_position * prompt_len  # the encoder's keys and values, once per prompt
+    if beams == 1:
+        return cross, rows * (per_position + 8)
+    return cross, rows * beams * (2 * per_position + 8 * 8)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process on device: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

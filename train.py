@@ -32,6 +32,8 @@ With pack=True (the default) a micro-batch's examples are packed several to a ro
 rows of encoder_len / decoder_len whose number varies a little from one micro-batch to the next (under
 --compile, torch.compile's automatic dynamic shapes recompile once for that); the loss is the same token-
 weighted mean over the same examples, so pack=False (one example per row) trains the same model, slower.
+A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
+(README.md, "What survives what").
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
@@ -49,7 +51,6 @@ Outputs in out_dir:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -64,10 +65,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare
-from checkpoint import check_start, random_states, restart_log, resume_run, save_checkpoint
+import ul2
+from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
-from tokenizer import get_tokenizer
 from ul2 import UL2Batches
 
 # -----------------------------------------------------------------------------------------------------------
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                  fractions=("warmup_frac", "beta1", "beta2"))
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
+    check_data_settings(config)
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     try:
         return train(config, model_cfg, rank, world, device)
     finally:
@@ -183,10 +185,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     data_dir = os.path.join("data", cfg.dataset)
     try:
         meta = prepare.load_meta(data_dir)
+        tok = prepare.load_tokenizer(data_dir)  # the one meta.json names, checked against what it recorded
+        # (also checks every shard: sizes, index, checksum, ids in range; prepare.py's docstring)
         train_docs, val_docs = prepare.load_documents(data_dir, "train"), prepare.load_documents(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    tok = get_tokenizer(meta["tokenizer"])
     wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
     wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
     if wrong:
@@ -242,12 +245,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         tokens_seen, saved_step = last_eval["tokens"], start_step
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        restart_log(metrics_path, start_step if resuming[0] else None)
+        remove_run_temps(cfg.out_dir, say)
+        restart_log(metrics_path, start_step if resuming[0] else None, say)
 
     def log(event: dict) -> None:
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            log_event(metrics_path, event)
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -371,6 +374,33 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def init_process_group(backend: str, rank: int, world: int) -> None:
+    """dist.init_process_group on torchrun's store, under a key prefix of its own per restart attempt.
+
+    torchrun keeps ONE TCPStore for every attempt of a job, holding the keys the last attempt wrote. When a
+    worker dies before the process group is up (a kill in the first seconds), its peers' addresses stay there:
+    the restarted workers read them, connect to processes that no longer exist and fail in gloo's
+    connectFullMesh ("Connection refused"), using up --max-restarts (reproduced with torch 2.13, 2 CPU
+    workers, --max-restarts=1, one worker killed before init_process_group). A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) never sees the old keys."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"rot5/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
+
+
+def check_data_settings(config: dict) -> None:
+    """The data settings that UL2Batches would reject only after the data is read: one line, before anything."""
+    try:
+        ul2.mixture(config["mixture"])
+    except ValueError as e:
+        raise SystemExit(f"--mixture={config['mixture']!r}: {e}") from None
+    short = [f"--{k}={config[k]}" for k in ("encoder_len", "decoder_len") if config[k] < ul2.MIN_LEN]
+    if short:
+        raise SystemExit(f"{', '.join(short)}: encoder_len and decoder_len must be at least {ul2.MIN_LEN} (the mode token, "
+                         "sentinels, spans and eos of a UL2 example must fit)")
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int) -> float:

@@ -105,6 +105,7 @@ def mixture(name: str = "ul2") -> tuple[Denoiser, ...]:
 
 
 MIXTURE: tuple[Denoiser, ...] = mixture("ul2")
+MIN_LEN = 8   # shortest encoder_len / decoder_len UL2Batches accepts
 _mixture_named = mixture   # UL2Batches' `mixture` argument shadows the function
 
 
@@ -275,8 +276,8 @@ class UL2Batches:
                  static_shapes: bool = False, pack: bool = False):
         if len(docs) == 0:
             raise ValueError("UL2Batches got no documents: is the data split empty? (run prepare.py first)")
-        if encoder_len < 8 or decoder_len < 8:
-            raise ValueError(f"encoder_len={encoder_len}, decoder_len={decoder_len}: both must be at least 8")
+        if encoder_len < MIN_LEN or decoder_len < MIN_LEN:
+            raise ValueError(f"encoder_len={encoder_len}, decoder_len={decoder_len}: both must be at least {MIN_LEN}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.docs, self.tok = docs, tok

@@ -1,0 +1,458 @@
+"""Faults, by class: a full disk (a fake one: writes past a byte budget raise ENOSPC), a run killed mid-append
+(a torn metrics line), damaged shards and meta.json, temp files a killed run left, bad settings. Each must end
+in one line that names the problem and the fix, never lose a checkpoint, and never train on damaged data.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_faults.py"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import ablation  # noqa: E402
+import checkpoint  # noqa: E402
+import diskio  # noqa: E402
+import finetune  # noqa: E402
+import prepare  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from model import ROT5, ROT5Config  # noqa: E402
+
+TINY = ["--dataset=sample", "--device=cpu", "--d_model=64", "--n_heads=2", "--head_dim=32", "--n_kv_heads=1",
+        "--d_ff=128", "--n_encoder_layers=2", "--n_decoder_layers=2", "--position=rope", "--encoder_len=128",
+        "--decoder_len=64", "--eval_docs=8", "--eval_batch_size=8", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def sample_dir() -> str:
+    """data/sample/ of this checkout, prepared (a no-op when it is up to date). Tests damage copies of it."""
+    d = os.path.join(REPO, "data", "sample")
+    prepare.prepare("sample", d, workers=1)
+    return d
+
+
+@pytest.fixture
+def data_copy(sample_dir, tmp_path) -> str:
+    d = str(tmp_path / "sample")
+    shutil.copytree(sample_dir, d)
+    return d
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value.code if isinstance(e.value, SystemExit) else e.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+class FullDisk:
+    """Writes through diskio (atomic_write's file objects, append_line's os.write) succeed until `budget` bytes
+    are written, then fail with ENOSPC, after writing what still fit, as a real full disk does."""
+
+    def __init__(self, monkeypatch):
+        self.budget: float = float("inf")
+        real_fdopen, real_write = os.fdopen, os.write
+        disk = self
+
+        class File:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                n = len(data.encode()) if isinstance(data, str) else len(memoryview(data).cast("B"))
+                if n > disk.budget:
+                    self.f.write(data[:int(disk.budget)] if isinstance(data, str) else
+                                 memoryview(data).cast("B")[:int(disk.budget)])
+                    disk.budget = 0
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                disk.budget -= n
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        def write(fd, data):
+            n = len(memoryview(data).cast("B"))
+            if n > disk.budget:
+                real_write(fd, memoryview(data).cast("B")[:int(disk.budget)])
+                disk.budget = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            disk.budget -= n
+            return real_write(fd, data)
+
+        monkeypatch.setattr(diskio.os, "fdopen", lambda *a, **k: File(real_fdopen(*a, **k)))
+        monkeypatch.setattr(diskio.os, "write", write)
+
+    def fill(self, after: int = 0) -> None:
+        self.budget = after
+
+    def free(self) -> None:
+        self.budget = float("inf")
+
+
+@pytest.fixture
+def disk(monkeypatch) -> FullDisk:
+    return FullDisk(monkeypatch)
+
+
+TINY_CFG = ROT5Config(d_model=64, n_heads=2, head_dim=32, n_kv_heads=1, d_ff=128, n_encoder_layers=1,
+                      n_decoder_layers=1, position="rope")
+
+
+def tiny_checkpoint(step: int) -> dict:
+    cfg = TINY_CFG
+    return {"kind": "pretrain", "model": ROT5(cfg).state_dict(), "model_config": asdict(cfg), "tokenizer": "mistral",
+            "config": {"encoder_len": 128}, "step": step, "optimizer": {}, "rng": checkpoint.random_states(),
+            "metrics": {}}
+
+
+def test_full_disk_during_a_checkpoint_save_keeps_the_old_one(tmp_path, disk):
+    """torch.save reports the full disk as a RuntimeError ("unexpected pos") around the OSError: one line."""
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, tiny_checkpoint(2))
+    disk.fill(after=10_000)
+    with pytest.raises(diskio.WriteFailed) as e:
+        checkpoint.save_checkpoint(path, tiny_checkpoint(3))
+    message = one_line(e)
+    assert f"could not write {path}: No space left on device" in message
+    weights = sum(t.numel() * t.element_size() for t in tiny_checkpoint(0)["model"].values())
+    needed = weights + torch.get_rng_state().numel()  # + the RNG state (the optimizer's is empty here)
+    assert f"{diskio.human(needed)} needed" in message
+    assert f"the last checkpoint, {path}, is intact" in message and "--resume=True" in message
+    disk.free()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+
+
+def test_full_disk_mid_run_then_a_torn_line_and_stale_temps_then_resume(tmp_path, disk, sample_dir, capsys,
+                                                                        monkeypatch):
+    """The disk fills after the step-2 checkpoint: the next metrics append fails with one line and leaves no
+    part of its line; a kill mid-append (a torn line) and kills mid-save (temp files) come on top; --resume=True
+    then finishes the run with every step logged once, and removes the temp files."""
+    monkeypatch.chdir(REPO)  # train.py reads data/<dataset> relative to the working directory
+    out = tmp_path / "run"
+    args = TINY + ["--max_tokens=3000", "--batch_size=4", "--micro_batch_size=4", "--eval_interval=2",
+                   f"--out_dir={out}"]
+    real_save = train.save_checkpoint
+
+    def save_then_fill(path, obj):
+        real_save(path, obj)
+        if obj["step"] == 2:
+            disk.fill(after=10)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_fill)
+    with pytest.raises(diskio.WriteFailed) as e:
+        train.main(args)
+    message = one_line(e)
+    metrics = out / "metrics.jsonl"
+    assert f"could not write {metrics}: No space left on device" in message
+    assert f"the last checkpoint, {out / 'ckpt.pt'}, is intact" in message and "--resume=True" in message
+    text = metrics.read_text()
+    assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()][-1] == 2
+
+    disk.free()
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    with open(metrics, "a") as f:
+        f.write('{"event": "train", "step": 3, "tok')  # killed mid-append
+    (out / ".ckpt.pt.k1ll3d00.tmp").write_bytes(b"\0" * 1000)  # killed mid-save (and the pre-diskio name)
+    (out / "ckpt.pt.tmp4242").write_bytes(b"\0" * 1000)
+    (out / "notes.tmp").write_text("not ours")
+    capsys.readouterr()
+    steps = train.main(args + ["--resume=True"])["max_steps"]
+    log = capsys.readouterr()
+    assert "dropped the last line" in log.out + log.err
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "notes.tmp"]
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, steps + 1))
+
+
+def test_full_disk_while_preparing_leaves_no_temp_file_and_says_how_to_rerun(tmp_path, disk):
+    out = str(tmp_path / "data")
+    disk.fill(after=100_000)  # val.bin (~70 kB) fits, train.bin (~1.4 MB) does not
+    with pytest.raises(diskio.WriteFailed) as e:
+        prepare.prepare("sample", out, workers=1)
+    message = one_line(e)
+    assert f"could not write {os.path.join(out, 'train.bin')}: No space left on device" in message
+    assert "no meta.json" in message and f"python prepare.py DATASET --out-dir {out}` again" in message
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")] and "meta.json" not in os.listdir(out)
+    disk.free()
+    prepare.prepare("sample", out, workers=1)
+    assert len(prepare.load_documents(out, "train")) == 3365
+
+
+def test_full_disk_for_predictions_and_the_ablation_state(tmp_path, disk):
+    disk.fill()
+    with pytest.raises(diskio.WriteFailed) as e:
+        finetune.write_predictions(str(tmp_path / "predictions.jsonl"), [{"prediction": "Lily was happy."}])
+    assert "no checkpoint was written yet" in one_line(e)
+    with pytest.raises(diskio.WriteFailed) as e:
+        ablation.write_json(str(tmp_path / "ablation.json"), {"result": None})
+    assert "run the same ablation.py command again" in one_line(e)
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    """Only lack of space becomes WriteFailed; any other error passes through unchanged (and leaves no temp)."""
+    with pytest.raises(ValueError, match="not a disk problem"):
+        with diskio.atomic_write(str(tmp_path / "x.json"), "w") as f:
+            f.write("{")
+            raise ValueError("not a disk problem")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The metrics log
+
+
+def test_restart_log_drops_a_torn_last_line_and_refuses_a_garbled_one(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    lines = [json.dumps({"event": "train", "step": s}) + "\n" for s in range(1, 5)]
+    torn = '{"event": "eval", "st'
+    with open(path, "w") as f:
+        f.writelines(lines + [torn])
+    notes: list[str] = []
+    checkpoint.restart_log(path, 3, notes.append)
+    assert open(path).read() == "".join(lines[:3])  # up to the checkpoint's step, torn line gone
+    assert len(notes) == 1 and "dropped the last line" in notes[0] and f"{len(torn)} bytes" in notes[0]
+
+    checkpoint.restart_log(path, 3, notes.append)  # nothing torn: no note
+    assert len(notes) == 1 and open(path).read() == "".join(lines[:3])
+
+    with open(path, "w") as f:
+        f.writelines([lines[0], "garbage\n", lines[2]])
+    with pytest.raises(SystemExit) as e:
+        checkpoint.restart_log(path, 3, notes.append)
+    assert f"{path} line 2 is not a metrics event" in one_line(e)
+    checkpoint.restart_log(path, None)  # a new run starts an empty log, whatever was there
+    assert open(path).read() == ""
+
+
+def test_a_failed_append_leaves_the_log_as_it_was(tmp_path, disk):
+    path = str(tmp_path / "metrics.jsonl")
+    checkpoint.log_event(path, {"event": "train", "step": 1})
+    before = open(path, "rb").read()
+    disk.fill(after=7)  # part of the next line fits
+    with pytest.raises(diskio.WriteFailed):
+        checkpoint.log_event(path, {"event": "train", "step": 2})
+    assert open(path, "rb").read() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged data
+
+
+def test_an_out_of_range_id_is_found_before_training(data_copy, sample_dir):
+    docs = prepare.load_documents(data_copy, "train")
+    pos = int(docs.offsets[100]) + 3  # inside document 100
+    shard = np.memmap(os.path.join(data_copy, "train.bin"), dtype=np.uint16, mode="r+")
+    shard[pos] = 40000  # >= pad_id 32000: no text id
+    shard.flush()
+    with pytest.raises(ValueError) as e:
+        prepare.load_documents(data_copy, "train")
+    assert f"holds id 40000 at token {pos:,} (document 100)" in one_line(e) and "python prepare.py" in one_line(e)
+
+
+def test_an_in_range_flip_is_caught_by_the_checksum_and_prepare_rebuilds(data_copy, capsys):
+    path = os.path.join(data_copy, "train.bin")
+    original = open(path, "rb").read()
+    pos = int(prepare.load_documents(data_copy, "train").offsets[50]) + 2  # inside document 50
+    shard = np.memmap(path, dtype=np.uint16, mode="r+")
+    shard[pos] = 1000 if shard[pos] != 1000 else 1001  # another word: still a text id
+    shard.flush()
+    with pytest.raises(ValueError) as e:
+        prepare.load_documents(data_copy, "train")
+    assert f"{path} has changed since prepare.py wrote it" in one_line(e)
+    capsys.readouterr()
+    prepare.prepare("sample", data_copy, workers=1)
+    out = capsys.readouterr().out
+    assert "rebuilding" in out and "has changed since prepare.py wrote it" in out and "up to date" not in out
+    assert open(path, "rb").read() == original
+
+
+def test_cut_emptied_or_replaced_files_are_one_line(data_copy):
+    bin_path, idx_path = os.path.join(data_copy, "val.bin"), os.path.join(data_copy, "val.idx.npy")
+    good_bin, good_idx = open(bin_path, "rb").read(), open(idx_path, "rb").read()
+    for data, message in [(good_bin[:-1], "bytes, not a whole number of uint16 tokens"),
+                          (b"", "is 0 bytes, not a whole number of uint16 tokens"),
+                          (good_bin[:-2], "does not match its index")]:
+        open(bin_path, "wb").write(data)
+        with pytest.raises(ValueError) as e:
+            prepare.load_documents(data_copy, "val")
+        assert message in one_line(e) and bin_path in one_line(e) and "python prepare.py" in one_line(e)
+    open(bin_path, "wb").write(good_bin)
+    offsets = np.load(idx_path)
+    for data, message in [(b"not an index", "is not a readable index"), (good_idx[:-5], "is not a readable index")]:
+        open(idx_path, "wb").write(data)
+        with pytest.raises(ValueError) as e:
+            prepare.load_documents(data_copy, "val")
+        assert message in one_line(e) and idx_path in one_line(e)
+    shifted = offsets.copy()
+    shifted[5] += 1  # still increasing and ending where the shard ends, but document 4 no longer ends in eos
+    np.save(idx_path, shifted)
+    with pytest.raises(ValueError) as e:
+        prepare.load_documents(data_copy, "val")
+    assert "document 4 of" in one_line(e) and "does not end in eos" in one_line(e)
+
+
+@pytest.mark.parametrize("key, value", [("tokenizer_sha256", "0" * 64), ("eos_id", 3), ("vocab_size", 32384),
+                                        ("pad_id", 32001)])
+def test_meta_json_must_match_the_tokenizer_that_will_be_used(data_copy, key, value, monkeypatch):
+    meta_path = os.path.join(data_copy, "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump({**meta, key: value}, open(meta_path, "w"))
+    with pytest.raises(ValueError) as e:
+        prepare.load_tokenizer(data_copy)
+    assert f"meta.json does not match the 'mistral' tokenizer here ({key} {value!r} in meta.json" in one_line(e)
+    # and train.py stops on it before it builds anything
+    os.makedirs(tmp := os.path.join(os.path.dirname(data_copy), "work", "data"))
+    shutil.move(data_copy, os.path.join(tmp, "sample"))
+    monkeypatch.chdir(os.path.dirname(tmp))
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out_dir=run"])
+    assert key in one_line(e) and not os.path.exists("run")
+
+
+def test_a_tokenizer_that_cannot_load_is_one_line(data_copy, monkeypatch):
+    meta_path = os.path.join(data_copy, "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump({**meta, "tokenizer": "llama"}, open(meta_path, "w"))
+    with pytest.raises(ValueError) as e:
+        prepare.load_tokenizer(data_copy)
+    assert "unknown tokenizer 'llama'" in one_line(e) and "its meta.json names 'llama'" in one_line(e)
+
+    def offline(name):  # tiktoken offline, without its cached BPE file
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    json.dump({**meta, "tokenizer": "gpt2"}, open(meta_path, "w"))
+    monkeypatch.setattr(prepare, "get_tokenizer", offline)
+    with pytest.raises(ValueError) as e:
+        prepare.load_tokenizer(data_copy)
+    assert "the gpt2 tokenizer could not load its vocabulary (ConnectionError)" in one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temp files a killed process left
+
+
+def test_prepare_removes_the_temp_files_of_a_killed_run(data_copy, capsys):
+    stale = os.path.join(data_copy, ".train.bin.k1ll3d00.tmp")
+    open(stale, "wb").write(b"\0" * 4096)
+    other = os.path.join(data_copy, ".notes.txt.abcdefgh.tmp")  # not a file prepare.py writes: kept
+    open(other, "w").write("x")
+    prepare.prepare("sample", data_copy, workers=1)
+    out = capsys.readouterr().out
+    assert "removed 1 temp file(s) (4.1 kB)" in out and "up to date" in out
+    assert not os.path.exists(stale) and os.path.exists(other)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings: checked before any directory is made or any data is read
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--mixture=foo", "--mixture='foo': unknown mixture 'foo': use 'ul2', 't5' or 'prefix_lm'"),
+    ("--encoder_len=4", "--encoder_len=4: encoder_len and decoder_len must be at least 8"),
+    ("--decoder_len=1", "--decoder_len=1: encoder_len and decoder_len must be at least 8"),
+])
+def test_train_settings_fail_before_anything_is_read_or_made(tmp_path, monkeypatch, arg, message):
+    def no_data(*args):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr(prepare, "load_meta", no_data)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + [f"--out_dir={tmp_path / 'run'}", arg])
+    assert message in one_line(e) and not os.path.exists(tmp_path / "run")
+
+
+def test_finetune_settings_and_a_missing_init_fail_before_out_dir_is_made(tmp_path, monkeypatch):
+    def no_data(*args):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr(prepare, "load_meta", no_data)
+    init = str(tmp_path / "pre.pt")
+    checkpoint.save_checkpoint(init, tiny_checkpoint(1))
+    out = tmp_path / "ft"
+    for argv, message in [([f"--init_from={init}", "--decoder_len=1"], "--decoder_len=1 leaves no room for a summary"),
+                          ([f"--init_from={init}", "--encoder_len=5"], "--encoder_len=5: encoder_len=5 leaves no room"),
+                          ([f"--init_from={tmp_path / 'missing.pt'}"], "no checkpoint at")]:
+        with pytest.raises(SystemExit) as e:
+            finetune.main(argv + [f"--out_dir={out}", "--device=cpu"])
+        assert message in one_line(e) and not os.path.exists(out)
+
+
+def test_generation_budget_counts_what_generate_allocates():
+    """sample.generation_bytes against the caches model.generate really allocates (greedy and beam search)."""
+    model = ROT5(TINY_CFG).eval()
+    rows, prompt_len, T = 3, 11, 17
+    enc = torch.zeros(rows, prompt_len, model.cfg.d_model)
+    for beams in (1, 4):
+        cache = model.new_cache(enc, T, beams=beams)
+        kv = cache.self_kv.numel() * cache.self_kv.element_size() * (2 if beams > 1 else 1)  # + the spare (beams)
+        fixed, per_token = sample.generation_bytes(model.cfg, rows, prompt_len, beams)
+        assert fixed == cache.cross_kv.numel() * cache.cross_kv.element_size()
+        tables = rows * 8 * (1 if beams == 1 else 8 * beams)  # greedy: out (B, T); beams: ~8K int64 per position
+        assert per_token * T == kv + tables * T
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", str(10 ** 10)], "new tokens at this beam count"),
+    (["--max-new-tokens", "200", "--num-beams", str(10 ** 8)], "beams at this length"),
+])
+def test_sample_refuses_a_generation_that_cannot_fit(tmp_path, argv, message):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, tiny_checkpoint(1))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", path, "--prompt", "Once upon a time", "--device", "cpu", *argv])
+    assert "needs" in one_line(e) and "at most" in one_line(e) and message in one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun restarts
+
+
+WORKER = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 0 and rank == 1:  # killed before the process group is up, while rank 0 waits in it
+    time.sleep(2)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.init_process_group("gloo", rank, int(os.environ["WORLD_SIZE"]))
+x = torch.ones(1)
+dist.all_reduce(x)
+print(f"attempt {{attempt}} rank {{rank}}: all_reduce {{x.item():g}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_torchrun_restart_after_an_early_kill_connects(tmp_path):
+    """With torchrun's shared store and no per-attempt prefix, the restarted workers read the dead attempt's
+    gloo addresses and fail with "connectFullMesh failed ... Connection refused" (train.init_process_group)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(repo=REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--max-restarts=1", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if "all_reduce" in line) == \
+        ["attempt 1 rank 0: all_reduce 2", "attempt 1 rank 1: all_reduce 2"]
