@@ -181,9 +181,9 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
         if gaps != tok.sentinel_ids[:len(gaps)]:  # the only order span corruption ever showed the model
             raise SystemExit(f"error: prompt {k + 1}: number its gaps <extra_id_0>, <extra_id_1>, ... in order, "
                              "each once")
-        ids = [tok.mode_ids[denoiser]] + body + [tok.eos_id]
+        ids = tok.mode_prefix(denoiser) + body + [tok.eos_id]
     elif mode == "continue":
-        ids = [tok.mode_ids["S"]] + tok.encode(prompt) + [tok.eos_id]
+        ids = tok.mode_prefix("S") + tok.encode(prompt) + [tok.eos_id]
     else:
         ids, cut = summarize_input(tok.encode(prompt), tok, encoder_len)
         if cut:  # the story did not fit: measure how far over it is
@@ -195,10 +195,11 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
 
 
 def render(mode: str, inputs: list[int], generated: list[int], tok: Tokenizer) -> str:
-    if mode == "continue":  # the prompt, then what the decoder wrote after it (drop [S] and eos)
-        return tok.decode(inputs[1:-1] + generated)
+    body = inputs[len(tok.mode_prefix("S")):-1]  # the prompt: drop the mode token (if any) and eos
+    if mode == "continue":  # the prompt, then what the decoder wrote after it
+        return tok.decode(body + generated)
     if mode == "fill":
-        return tok.decode(fill_gaps(inputs[1:-1], generated, tok))
+        return tok.decode(fill_gaps(body, generated, tok))
     return tok.decode(generated)
 
 
