@@ -865,7 +865,7 @@ class ROT5(nn.Module):
         if c.position != "t5" or c.n_kv_heads != c.n_heads or c.n_experts:
             raise ValueError(f"only the T5 baseline (position='t5', n_kv_heads=n_heads, n_experts=0) is an HF T5 model; "
                              f"this one has position={c.position!r}, n_kv_heads={c.n_kv_heads} of n_heads={c.n_heads}, "
-                             f"n_experts={c.n_experts}: export it as safetensors instead (checkpoint.py export without --hf)")
+                             f"n_experts={c.n_experts}: export it as safetensors instead (checkpoint.py export, no --hf)")
         from transformers import T5Config, T5ForConditionalGeneration
 
         hf = T5ForConditionalGeneration(T5Config(

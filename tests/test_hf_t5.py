@@ -102,7 +102,8 @@ def test_a_rot5_t5_baseline_becomes_an_hf_t5(ffn, tie):
                             n_encoder_layers=2, n_decoder_layers=3, ffn=ffn, tie_embeddings=tie, dropout=0.0,
                             pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)).eval()
     hf = model.to_hf_t5().eval()
-    assert (hf.config.pad_token_id, hf.config.decoder_start_token_id, hf.config.eos_token_id) == (tok.pad_id, tok.pad_id, tok.eos_id)
+    c = hf.config
+    assert (c.pad_token_id, c.decoder_start_token_id, c.eos_token_id) == (tok.pad_id, tok.pad_id, tok.eos_id)
     back = ROT5.from_hf_t5(hf)
     assert back.cfg == model.cfg
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
@@ -303,7 +304,8 @@ def test_sample_and_hf_export_of_the_finetuned_hf_t5(flan_run, tmp_path, monkeyp
     assert not cut
     expected = model.generate(torch.tensor([ids]), max_new_tokens=8, eos_token_id=1, suppress_tokens=tok.non_text_ids())
     assert out == [tok.decode(finetune.until_eos(expected[0].tolist(), 1))]
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors", "spiece.model"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                   "spiece.model"]
     hf = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
     x, am, labels = real_batch(tok)
     assert_close(rot5_logits(model, x, am, labels), hf_logits(hf, x, am, labels))
