@@ -19,6 +19,11 @@ The study (the seed's "Initial Pretraining" and "Initial Summarization Tuning"):
      RoPE + GQA) on story -> summary pairs and score ROUGE-L (finetune.py).
   3. Write results.md (the tables) and the seed's charts as PNGs: validation-loss curves per variant,
      final full-validation-loss bars, fine-tuning loss and ROUGE-L curves with final bars.
+  --flan adds the seed's calibration row: FLAN-T5-Base (a Hugging Face model, loaded through ROT5.from_hf_t5)
+     fine-tuned by the same finetune.py run on the same pairs, tokenized with T5's own tokenizer into
+     data/<fine-tuning dataset>_t5 (the CPU scale prepares it; the full scale needs `python prepare.py
+     tinystories_instruct --tokenizer t5:google/flan-t5-base --out-dir data/tinystories_instruct_t5`).
+     `--flan=hf:HUB_ID` or `--flan=DIR` fine-tunes another HF T5 (a save_pretrained directory) instead.
 
 Scales:
   --scale cpu   (default) config/ablation_cpu.py after each preset: d_model 256, 4 heads x 64, 2 + 2 layers,
@@ -35,6 +40,7 @@ Scales:
 Usage:
     python ablation.py                                   # CPU scale, out/ablation
     python ablation.py --scale full --out out/ablation_full
+    python ablation.py --scale full --out out/ablation_full --flan   # + the FLAN-T5-Base row (the seed's 55.71)
     python ablation.py --scale full --plan               # the runs, steps, FLOPs and GPU-hours; trains nothing
     python ablation.py --steps 20                        # pre-train every variant for 20 steps instead
     python ablation.py --variants t5_base,rot5_base_gqa  # a subset (in the study's order)
@@ -45,7 +51,7 @@ skipped; an interrupted run continues from its checkpoint (train.py or finetune.
 written with other settings is refused (use another --out). Each run's directory is exactly what train.py
 or finetune.py writes (ckpt.pt, metrics.jsonl, predictions.jsonl), so every number here can be re-derived.
 
-Outputs in --out: <variant>/ (pre-training), <variant>_summary/ (fine-tuning), results.md,
+Outputs in --out: <variant>/ (pre-training), <variant>_summary/ (fine-tuning; flan_t5_summary/ with --flan), results.md,
 ablation_pretrain_val_loss.png, ablation_pretrain_final_val_loss.png, ablation_summary_val_loss.png,
 ablation_summary_rougeL.png (matplotlib is optional: without it the runs and results.md still happen).
 """
@@ -69,6 +75,7 @@ import torch
 import finetune
 import prepare
 import train
+from checkpoint import t5_tokenizer_name
 from configurator import configure
 from model import ROT5, ROT5Config, SwitchFFN
 from tokenizer import get_tokenizer
@@ -94,7 +101,9 @@ BASELINE = "t5_base"
 # The seed's results, read off its charts (1 epoch of TinyStories at T5-Base size on 2 RTX 3090s).
 # Its MoE + losses bar lies between MoE and T5; the write-up gives no number for it.
 SEED_FULL_VAL_LOSS = {"t5_base": 2.573, "rot5_base_rope": 2.117, "rot5_base_gqa": 2.074, "rot5_base_moe": 2.203}
-SEED_ROUGE_L = {"t5_base": 20.50, "rot5_base_gqa": 26.45}  # (ROT5-mini 46.41, FLAN-T5-Base 55.71)
+SEED_ROUGE_L = {"t5_base": 20.50, "rot5_base_gqa": 26.45, "flan_t5": 55.71}  # (ROT5-mini 46.41)
+# --flan: the seed's calibration row, an HF model fine-tuned the same way ("hf_t5" when --flan names another one)
+FLAN_MODEL, FLAN_LABEL = "hf:google/flan-t5-base", "FLAN-T5-Base"
 
 # --scale cpu: what differs per variant at d_model 256 with 4 heads (the rest is config/ablation_cpu.py).
 CPU_GQA_KV_HEADS = 2  # the presets' 12 query heads / 4 K/V heads = 3 per group does not divide 4 heads
@@ -131,11 +140,23 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     # Every dataset the study needs must exist before hours of pre-training, not after them.
     ft_dataset = configure(finetune.DEFAULTS, [finetune_preset(args.scale)])["dataset"]
+    if args.flan:  # T5's own tokenizer: the same pairs, tokenized for the HF model
+        flan_dataset = f"{ft_dataset}_t5"
+        if args.scale == "cpu":
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    prepare.prepare(ft_dataset, out_dir=os.path.join("data", flan_dataset),
+                                    tokenizer=t5_tokenizer_name(args.flan))
+                except ValueError as e:
+                    raise SystemExit(f"--flan={args.flan}: {e}") from None
     for dataset in sorted({config["dataset"] for _, config in runs.values()} | {ft_dataset}):
         try:
             prepare.load_meta(os.path.join("data", dataset))
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if args.flan and not os.path.exists(os.path.join("data", flan_dataset, "meta.json")):
+        raise SystemExit(f"--flan needs the fine-tuning pairs tokenized with T5's tokenizer: run `python prepare.py "
+                         f"{ft_dataset} --tokenizer {t5_tokenizer_name(args.flan)} --out-dir data/{flan_dataset}` first")
 
     say(f"{args.scale} scale: pre-training {len(variants)} variants into {args.out}")
     for i, v in enumerate(variants, 1):
@@ -152,6 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     post = {name: finetune_row(name, os.path.join(args.out, f"{name}_summary")) for name in tuned}
 
     labels = {v.name: v.label for v in VARIANTS}
+    if args.flan:
+        name = "flan_t5" if args.flan == FLAN_MODEL else "hf_t5"
+        labels[name] = FLAN_LABEL if name == "flan_t5" else f"HF T5 {args.flan}"
+        run_dir = os.path.join(args.out, f"{name}_summary")
+        argv = [finetune_preset(args.scale), f"--init_from={args.flan}", f"--dataset={flan_dataset}", f"--out_dir={run_dir}"]
+        run_once(run_dir, configure(finetune.DEFAULTS, argv), finetune.main, argv,
+                 what=f"fine-tuning {labels[name]}: python finetune.py")
+        post[name] = finetune_row(name, run_dir)
     table = results_table(pre, post, labels, args.scale)
     with prepare.atomic_write(os.path.join(args.out, "results.md"), "w", then=AGAIN) as f:
         f.write(table)
@@ -172,6 +201,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--out", default="out/ablation", help="output directory")
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated subset")
     ap.add_argument("--plan", action="store_true", help="print the runs and their estimated cost; train nothing")
+    ap.add_argument("--flan", nargs="?", const=FLAN_MODEL, metavar="MODEL",
+                    help=f"also fine-tune an HF T5 the same way: {FLAN_MODEL} (the seed's row) by default, or "
+                         "hf:HUB_ID, or a save_pretrained directory")
     args, rest = ap.parse_known_args(argv)
     names = [v.name for v in VARIANTS]
     args.variants = [n for n in args.variants.split(",") if n]
@@ -364,7 +396,8 @@ def draw_charts(out: str, pre: dict, post: dict, labels: dict) -> None:
     except ImportError:
         say(f"matplotlib is not installed: charts skipped (pip install matplotlib); the numbers are in {out}/results.md")
         return
-    colors = {v.name: f"C{i}" for i, v in enumerate(VARIANTS)}
+    colors = {**{v.name: f"C{i}" for i, v in enumerate(VARIANTS)}, "flan_t5": f"C{len(VARIANTS)}",
+              "hf_t5": f"C{len(VARIANTS)}"}
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in pre.items():

@@ -1,5 +1,6 @@
-"""Checkpoints: an atomic save, loading with one-line errors, and load_model for the scripts downstream; the
-run directory of train.py and finetune.py (check_start, resume_run, the metrics log, stale temp files).
+"""Checkpoints: an atomic save, loading with one-line errors, load_model for the scripts downstream, and
+export; the run directory of train.py and finetune.py (check_start, resume_run, the metrics log, stale
+temp files).
 
 A checkpoint is a dict (torch.save) with the keys
     kind          "pretrain" (train.py) | "finetune" (finetune.py)
@@ -13,22 +14,40 @@ A checkpoint is a dict (torch.save) with the keys
     metrics       the last evaluation, tokens seen, ...
 Everything in it is a tensor or a plain Python value, so it loads with torch.load(weights_only=True):
 opening a checkpoint never runs code from it.
+
+Export, for the Hugging Face hub and every other safetensors loader:
+    python checkpoint.py export --ckpt out/rot5_mini/ckpt.pt --out export/rot5_mini        # any ROT5 model
+    python checkpoint.py export --ckpt out/t5_base/ckpt.pt --out export/t5_base_hf --hf    # the T5 baseline
+The first writes model.safetensors (the weights) and config.json (model_type "rot5": the checkpoint's other
+keys but the optimizer and the RNG states); load_model (so sample.py and finetune.py) reads the directory as it
+reads the checkpoint. --hf writes a T5ForConditionalGeneration.save_pretrained directory (ROT5.to_hf_t5; with
+T5's spiece.model when the model uses T5's tokenizer). A directory is written under a temporary name and
+renamed into place when complete; an existing one is never written into.
+
+load_model also reads Hugging Face T5 / T5 v1.1 / FLAN-T5 models: "hf:HUB_ID" (downloaded with huggingface_hub
+into its cache) or a save_pretrained directory, through ROT5.from_hf_t5, with T5's own tokenizer (the
+spiece.model beside the weights, tokenizer "t5:HUB_ID_OR_DIR"). That is how finetune.py fine-tunes FLAN-T5.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import json
 import os
-from collections.abc import Callable
 import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from diskio import append_line, atomic_write, remove_stale_temps
+from diskio import append_line, atomic_write, fsync_directory, remove_stale_temps
 
 REQUIRED_KEYS = ("kind", "model", "model_config", "tokenizer", "config", "step")
+EXPORT_KEYS = ("kind", "model_config", "tokenizer", "config", "step", "metrics")  # config.json of an export
 
 
 def save_checkpoint(path: str, obj: dict) -> None:
@@ -67,11 +86,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def load_model(path: str, device: str | torch.device = "cpu"):
-    """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint."""
+    """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint, an
+    export directory, or a Hugging Face T5 model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
+    kind "hf-t5", the source and an empty run config)."""
     from model import ROT5, ROT5Config
     from tokenizer import get_tokenizer
 
-    ckpt = load_checkpoint(path)
+    if path.startswith("hf:") or (os.path.isdir(path) and read_config_json(path).get("model_type") != "rot5"):
+        model, tok = load_hf_t5(path)
+        return model.to(device).eval(), tok, {"kind": "hf-t5", "source": path, "config": {}}
+    ckpt = load_export(path) if os.path.isdir(path) else load_checkpoint(path)
     known = {f.name for f in dataclasses.fields(ROT5Config)}
     unknown = sorted(set(ckpt["model_config"]) - known)
     if unknown:
@@ -83,10 +107,145 @@ def load_model(path: str, device: str | torch.device = "cpu"):
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"{path}: the weights do not fit its model_config ({first_line(e)[:300]})") from None
-    tok = get_tokenizer(ckpt["tokenizer"])
+    try:
+        tok = get_tokenizer(ckpt["tokenizer"])
+    except ValueError as e:  # T5's tokenizer comes from the hub or a directory that may be gone
+        raise SystemExit(f"{path}: {first_line(e)}") from None
     if tok.vocab_size != cfg.vocab_size:
         raise SystemExit(f"{path}: tokenizer {tok.name!r} has {tok.vocab_size} ids but the model has vocab_size={cfg.vocab_size}")
     return model.to(device).eval(), tok, ckpt
+
+
+# -- export, and Hugging Face T5 models ------------------------------------------------------------------------
+
+def export(ckpt_path: str, out: str, hf: bool = False) -> None:
+    """Write the model of ckpt_path (anything load_model reads) into the new directory `out`: model.safetensors +
+    config.json, or with hf=True an HF T5ForConditionalGeneration directory (the T5 baseline only)."""
+    model, tok, ckpt = load_model(ckpt_path)
+    if hf:
+        try:
+            hf_model = model.to_hf_t5()
+        except ValueError as e:
+            raise SystemExit(f"{ckpt_path}: {first_line(e)}") from None
+    with new_directory(out) as tmp:
+        if hf:
+            hf_model.save_pretrained(tmp)
+            if tok.name.startswith("t5:"):  # a complete HF model directory: T5Tokenizer reads spiece.model
+                shutil.copy(tok.model_file, os.path.join(tmp, "spiece.model"))
+        else:
+            from safetensors.torch import save
+
+            with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+                f.write(save(model.state_dict(), metadata={"format": "pt"}))
+            config = {"model_type": "rot5", **{k: ckpt.get(k) for k in EXPORT_KEYS},
+                      "model_config": dataclasses.asdict(model.cfg), "tokenizer": tok.name}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+
+
+@contextmanager
+def new_directory(path: str) -> Iterator[str]:
+    """A temporary directory beside `path` to fill; when the block ends without an error, its files are synced
+    and it is renamed to `path` (save_checkpoint's pattern, for a directory), so `path` never holds half of it.
+    Refuses an existing path unless it is an empty directory."""
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise SystemExit(f"{path} exists: write into a new directory, or delete it first")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
+        os.replace(tmp, path)  # onto nothing or an empty directory: atomic on POSIX
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_directory(parent)
+
+
+def read_config_json(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
+                         "nor a Hugging Face T5 model (save_pretrained)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({first_line(e)[:200]}): export or save the model again") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path} is not a model config (a JSON object): export or save the model again")
+    return config
+
+
+def load_export(directory: str) -> dict:
+    """An export directory as a checkpoint dict (its config.json, the weights under "model")."""
+    from safetensors.torch import load_file
+
+    config = read_config_json(directory)
+    missing = [k for k in EXPORT_KEYS if k not in config]
+    weights = os.path.join(directory, "model.safetensors")
+    if missing or not os.path.isfile(weights):
+        raise SystemExit(f"{directory} is not a whole ROT5 export (it lacks {', '.join(missing) or 'model.safetensors'}): "
+                         "export it again with `python checkpoint.py export`")
+    try:
+        return {**config, "model": load_file(weights)}
+    except Exception as e:  # noqa: BLE001 - truncated, or not a safetensors file: the same fix
+        raise SystemExit(f"{weights} is not a readable safetensors file ({first_line(e)[:200]}): export it again") from None
+
+
+def load_hf_t5(source: str):
+    """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory,
+    its weights through ROT5.from_hf_t5, its spiece.model as the tokenizer "t5:HUB_ID_OR_DIR". One line on failure."""
+    from model import ROT5
+    from tokenizer import get_tokenizer
+
+    try:
+        from transformers import T5ForConditionalGeneration
+    except ImportError:
+        raise SystemExit(f"{source}: reading Hugging Face T5 models needs transformers: pip install transformers") from None
+    where = source.removeprefix("hf:")  # a hub id or a directory
+    if os.path.isdir(where):
+        config = read_config_json(where)
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            with open(hf_hub_download(repo_id=where, filename="config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
+            raise SystemExit(f"could not download {where}/config.json from the Hugging Face hub ({type(e).__name__}: "
+                             f"{first_line(e)[:160]}); offline, pass a local save_pretrained directory instead") from None
+    if config.get("model_type") != "t5":
+        raise SystemExit(f"{source} is a {config.get('model_type')!r} model, not T5: ROT5 reads T5, T5 v1.1 and "
+                         "FLAN-T5 models (model_type 't5')")
+    try:
+        tok = get_tokenizer(t5_tokenizer_name(source))
+        hf, info = T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True)
+        model = ROT5.from_hf_t5(hf)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
+    if info["missing_keys"]:  # transformers would fill them with random weights
+        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a T5 encoder-decoder (e.g. "
+                         f"{sorted(info['missing_keys'])[0]}): it is not a whole T5ForConditionalGeneration")
+    c = model.cfg
+    if (tok.vocab_size, tok.pad_id, tok.eos_id) != (c.vocab_size, c.pad_token_id, c.eos_token_id):
+        raise SystemExit(f"{source}: its spiece.model gives {tok.vocab_size} ids, pad {tok.pad_id}, eos {tok.eos_id} "
+                         f"but the model has vocab_size={c.vocab_size}, pad {c.pad_token_id}, eos {c.eos_token_id}: "
+                         "it is not this model's tokenizer")
+    return model, tok
+
+
+def t5_tokenizer_name(source: str) -> str:
+    """The tokenizer (tokenizer.py) of the HF T5 `source` ("hf:HUB_ID" or a directory): its spiece.model."""
+    return "t5:" + source.removeprefix("hf:")
 
 
 # -- starting and resuming a run (train.py and finetune.py) ---------------------------------------------------
@@ -199,3 +358,21 @@ def set_random_states(states: dict) -> None:
     # one state per GPU of the machine that saved it; this one may have fewer (resuming on other hardware)
     for i, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(state, i)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Export a ROT5 model as safetensors, or the T5 baseline as a "
+                                             "Hugging Face T5 (see the module docstring).")
+    commands = ap.add_subparsers(dest="command", required=True)
+    ex = commands.add_parser("export", help="write model.safetensors + config.json (or, with --hf, an HF T5 directory)")
+    ex.add_argument("--ckpt", required=True, help="a train.py / finetune.py checkpoint (or anything sample.py reads)")
+    ex.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    ex.add_argument("--hf", action="store_true", help="a T5ForConditionalGeneration.save_pretrained directory instead "
+                                                      "(position='t5', multi-head, dense models only)")
+    a = ap.parse_args(argv)
+    export(a.ckpt, a.out, a.hf)
+    print(f"wrote {a.out}" + (" (Hugging Face T5ForConditionalGeneration)" if a.hf else " (model.safetensors, config.json)"))
+
+
+if __name__ == "__main__":
+    main()

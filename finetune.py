@@ -12,6 +12,11 @@ Usage:
     python finetune.py config/finetune_summary.py --init_from=out/rot5_base_gqa/ckpt.pt --num_beams=4
     python finetune.py config/finetune_summary.py --resume=True     # continue an interrupted run from out_dir
 
+    # FLAN-T5 (or any HF T5 / T5 v1.1: hf:HUB_ID, or a save_pretrained directory), with T5's own tokenizer:
+    python prepare.py tinystories_instruct --tokenizer t5:google/flan-t5-base --out-dir data/tinystories_instruct_t5
+    python finetune.py config/finetune_summary.py --init_from=hf:google/flan-t5-base --dataset=tinystories_instruct_t5 \
+        --out_dir=out/flan_t5_summary
+
     python prepare.py sample && python prepare.py sample_instruct
     python train.py config/sample_cpu.py                # a small model pre-trained on the bundled sample (CPU)
     python finetune.py config/finetune_sample_cpu.py    # the bundled 3-record sample, on a CPU in seconds
@@ -20,7 +25,8 @@ The bundled sample (data/sample_instruct) holds only 3 real Instruct records (pr
 1 in val), so a run on it is an end-to-end exercise of this script, not a score: real numbers need the
 downloaded TinyStories-Instruct. The script says so in its output when it sees such a small dataset.
 
-Encoder input:  [S] "Summarize:" story </s>     (story cut to fit encoder_len; the count of cut stories is reported)
+Encoder input:  [S] "Summarize:" story </s>     (story cut to fit encoder_len; the count of cut stories is reported;
+                                                 T5's own tokenizer has no [S]: "Summarize:" story </s>)
 Decoder labels: summary </s>                    (cut to decoder_len)
 Why this format: every pre-training input began with a UL2 mode token, and UL2 (Tay et al. 2022, sec. 3.1.2)
 switches modes at fine-tuning time by prefixing the downstream task with the paradigm token that fits it.
@@ -67,7 +73,7 @@ from ul2 import pack_examples
 # -----------------------------------------------------------------------------
 # defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
 DEFAULTS: dict = dict(
-    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint
+    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
     out_dir="out/rot5_mini_summary",
     dataset="tinystories_instruct",     # data/<dataset>/ from `python prepare.py <dataset>`
     train_pairs=1_000_000,              # use the first N training pairs (the seed: 1M); 0 = all
@@ -122,15 +128,18 @@ def main(argv: list[str]) -> dict:
     set_dropout(model, cfg["dropout"])
     data_dir = os.path.join("data", cfg["dataset"])  # as train.py: relative to the working directory
     try:
-        data_tokenizer = prepare.load_meta(data_dir)["tokenizer"]
+        meta = prepare.load_meta(data_dir)
         train_pairs, val_pairs = prepare.load_pairs(data_dir, "train"), prepare.load_pairs(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if data_tokenizer != tok.name:
-        raise SystemExit(f"{data_dir} was tokenized with {data_tokenizer!r} but {cfg['init_from']} uses {tok.name!r}: "
-                         f"run `python prepare.py {cfg['dataset']} --tokenizer {tok.name}` into another directory")
+    # the same kind of tokenizer with the same model file (T5's spiece.model may come from the hub or a directory)
+    kind = meta["tokenizer"].split(":")[0], tok.name.split(":")[0]
+    if kind[0] != kind[1] or meta["tokenizer_sha256"] != prepare.tokenizer_sha256(tok):
+        raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} but {cfg['init_from']} uses {tok.name!r}: "
+                         f"run `python prepare.py {meta['dataset']} --tokenizer {tok.name} --out-dir DIR` into another "
+                         "directory and pass its name as --dataset")
     try:
-        prepare.check_tokenizer(data_dir, tok)  # the same name is not enough: the same model file and special ids
+        prepare.check_tokenizer(data_dir, tok)  # and the same special ids and vocabulary
     except ValueError as e:
         raise SystemExit(str(e)) from None
     n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
@@ -244,7 +253,7 @@ def main(argv: list[str]) -> dict:
 
 def summarize_input(story: Sequence[int], tok: Tokenizer, encoder_len: int) -> tuple[list[int], bool]:
     """[S] Summarize: <story> </s> -> (ids, whether the story was cut to fit encoder_len)."""
-    prefix = [tok.mode_ids["S"]] + tok.encode(TASK_PREFIX)
+    prefix = tok.mode_prefix("S") + tok.encode(TASK_PREFIX)
     room = encoder_len - len(prefix) - 1
     if room < 1:
         raise ValueError(f"encoder_len={encoder_len} leaves no room for a story after the {len(prefix) + 1} "

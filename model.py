@@ -13,7 +13,7 @@ field below then changes one thing:
 
 Map of the classes (top-down):
 
-    ROT5                 embed -> Encoder -> Decoder -> lm_head; loss, generate, from_hf_t5, train_flops
+    ROT5                 embed -> Encoder -> Decoder -> lm_head; loss, generate, from_hf_t5 / to_hf_t5, train_flops
       Encoder            EncoderBlock x n_encoder_layers, one RelativePositionBias table, final RMSNorm
         EncoderBlock     RMSNorm -> EncoderSelfAttention (bidirectional, padding mask) ; RMSNorm -> FFN | SwitchFFN
       Decoder            DecoderBlock x n_decoder_layers, one RelativePositionBias table, final RMSNorm
@@ -981,7 +981,7 @@ class ROT5(nn.Module):
         ffn = {"relu": "relu", "gated-gelu": "gated-gelu"}.get(c.feed_forward_proj)
         if ffn is None:
             raise ValueError(f"feed_forward_proj={c.feed_forward_proj!r}: ROT5 supports 'relu' and 'gated-gelu'")
-        sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+        sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
         tied_weights = torch.equal(sd["lm_head.weight"], sd["shared.weight"])
         scaled = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)  # transformers 5 vs 4
         if scaled and not tied_weights:
@@ -994,45 +994,39 @@ class ROT5(nn.Module):
                          relative_attention_num_buckets=c.relative_attention_num_buckets,
                          relative_attention_max_distance=c.relative_attention_max_distance,
                          norm_eps=c.layer_norm_epsilon, pad_token_id=c.pad_token_id, eos_token_id=eos)
-
-        def ffn_weights(p: str) -> dict[str, Tensor]:
-            wi = (torch.cat([sd[f"{p}.DenseReluDense.wi_0.weight"], sd[f"{p}.DenseReluDense.wi_1.weight"]])
-                  if ffn == "gated-gelu" else sd[f"{p}.DenseReluDense.wi.weight"])
-            return {"wi.weight": wi, "wo.weight": sd[f"{p}.DenseReluDense.wo.weight"]}
-
-        def qkv(p: str) -> Tensor:
-            return torch.cat([sd[f"{p}.q.weight"], sd[f"{p}.k.weight"], sd[f"{p}.v.weight"]])
-
-        new = {"embed.weight": sd["shared.weight"], "encoder.norm.weight": sd["encoder.final_layer_norm.weight"],
-               "decoder.norm.weight": sd["decoder.final_layer_norm.weight"],
-               "encoder.relative_bias.bias.weight":
-                   sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
-               "decoder.relative_bias.bias.weight":
-                   sd["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]}
-        if not cfg.tie_embeddings:
-            new["lm_head.weight"] = sd["lm_head.weight"]
-        for i in range(cfg.n_encoder_layers):
-            p, q = f"encoder.block.{i}.layer", f"encoder.layers.{i}"
-            new |= {f"{q}.attn_norm.weight": sd[f"{p}.0.layer_norm.weight"],
-                    f"{q}.attn.qkv.weight": qkv(f"{p}.0.SelfAttention"),
-                    f"{q}.attn.o.weight": sd[f"{p}.0.SelfAttention.o.weight"],
-                    f"{q}.ffn_norm.weight": sd[f"{p}.1.layer_norm.weight"]}
-            new |= {f"{q}.ffn.{k}": v for k, v in ffn_weights(f"{p}.1").items()}
-        for i in range(cfg.n_decoder_layers):
-            p, q = f"decoder.block.{i}.layer", f"decoder.layers.{i}"
-            new |= {f"{q}.self_norm.weight": sd[f"{p}.0.layer_norm.weight"],
-                    f"{q}.self_attn.qkv.weight": qkv(f"{p}.0.SelfAttention"),
-                    f"{q}.self_attn.o.weight": sd[f"{p}.0.SelfAttention.o.weight"],
-                    f"{q}.cross_norm.weight": sd[f"{p}.1.layer_norm.weight"],
-                    f"{q}.cross_attn.q.weight": sd[f"{p}.1.EncDecAttention.q.weight"],
-                    f"{q}.cross_attn.kv.weight": torch.cat([sd[f"{p}.1.EncDecAttention.k.weight"],
-                                                            sd[f"{p}.1.EncDecAttention.v.weight"]]),
-                    f"{q}.cross_attn.o.weight": sd[f"{p}.1.EncDecAttention.o.weight"],
-                    f"{q}.ffn_norm.weight": sd[f"{p}.2.layer_norm.weight"]}
-            new |= {f"{q}.ffn.{k}": v for k, v in ffn_weights(f"{p}.2").items()}
-        model = cls(cfg)
-        model.load_state_dict(new, strict=True)
+        model = cls(cfg)  # (cat copies, so the new model shares no storage with hf_model)
+        model.load_state_dict({ours: torch.cat([sd[t] for t in theirs]) for ours, theirs in hf_t5_names(cfg).items()},
+                              strict=True)
         return model
+
+    def to_hf_t5(self) -> nn.Module:
+        """The inverse of from_hf_t5: this T5 baseline (position="t5", multi-head, dense) as a Hugging Face
+        T5ForConditionalGeneration with identical outputs, on this model's device, in its train/eval mode."""
+        c = self.cfg
+        if c.position != "t5" or c.n_kv_heads != c.n_heads or c.n_experts:
+            raise ValueError(f"only the T5 baseline (position='t5', n_kv_heads=n_heads, n_experts=0) is an HF T5 model; "
+                             f"this one has position={c.position!r}, n_kv_heads={c.n_kv_heads} of n_heads={c.n_heads}, "
+                             f"n_experts={c.n_experts}: export it as safetensors instead (checkpoint.py export, no --hf)")
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        hf = T5ForConditionalGeneration(T5Config(
+            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.head_dim, d_ff=c.d_ff, num_layers=c.n_encoder_layers,
+            num_decoder_layers=c.n_decoder_layers, num_heads=c.n_heads, feed_forward_proj=c.ffn,
+            relative_attention_num_buckets=c.relative_attention_num_buckets,
+            relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout,
+            layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, pad_token_id=c.pad_token_id,
+            eos_token_id=c.eos_token_id, decoder_start_token_id=c.pad_token_id))
+        if not c.tie_embeddings and hf.lm_head.weight is hf.shared.weight:  # transformers 5 ties them even for v1.1
+            hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.lm_head.weight))
+        sd = self.state_dict()
+        new = {t: part.detach().clone() for ours, theirs in hf_t5_names(c).items()
+               for t, part in zip(theirs, sd[ours].chunk(len(theirs)))}  # equal parts: q|k|v, k|v, wi_0|wi_1 (MHA)
+        # HF keeps the embedding under three more names (the same tensor, or copies of it when untied in memory)
+        new |= {k: new["shared.weight"] for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+        if c.tie_embeddings:
+            new["lm_head.weight"] = new["shared.weight"]
+        hf.load_state_dict(new, strict=True)
+        return hf.to(self.embed.weight.device).train(self.training)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Total parameters (the tied output matrix counted once); optionally without the input embedding."""
@@ -1069,6 +1063,43 @@ class ROT5(nn.Module):
         attn = 12 * H * Dh * (c.n_encoder_layers * encoder_len * encoder_tokens
                               + c.n_decoder_layers * (decoder_len + encoder_len) * decoder_tokens)
         return float(6 * n_enc * encoder_tokens + 6 * n_dec * decoder_tokens + attn)
+
+
+def hf_t5_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
+    """ROT5 parameter -> the Hugging Face T5 parameters it is made of, concatenated along dim 0 (ROT5 fuses
+    q|k|v, cross-attention k|v, and v1.1's wi_0|wi_1). One table for both directions: from_hf_t5 concatenates,
+    to_hf_t5 splits. HF T5 keeps one relative-bias table per stack, in its block 0."""
+    wi = ("wi_0", "wi_1") if cfg.ffn == "gated-gelu" else ("wi",)
+
+    def ffn(ours: str, theirs: str) -> dict[str, tuple[str, ...]]:
+        return {f"{ours}.ffn.wi.weight": tuple(f"{theirs}.DenseReluDense.{w}.weight" for w in wi),
+                f"{ours}.ffn.wo.weight": (f"{theirs}.DenseReluDense.wo.weight",)}
+
+    def attn(ours: str, theirs: str, fused: str, parts: str) -> dict[str, tuple[str, ...]]:
+        return {f"{ours}.{fused}.weight": tuple(f"{theirs}.{p}.weight" for p in parts),
+                f"{ours}.o.weight": (f"{theirs}.o.weight",)}
+
+    names = {"embed.weight": ("shared.weight",),
+             "encoder.norm.weight": ("encoder.final_layer_norm.weight",),
+             "decoder.norm.weight": ("decoder.final_layer_norm.weight",),
+             "encoder.relative_bias.bias.weight": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+             "decoder.relative_bias.bias.weight": ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight",)
+    for i in range(cfg.n_encoder_layers):
+        ours, theirs = f"encoder.layers.{i}", f"encoder.block.{i}.layer"
+        names |= {f"{ours}.attn_norm.weight": (f"{theirs}.0.layer_norm.weight",),
+                  f"{ours}.ffn_norm.weight": (f"{theirs}.1.layer_norm.weight",)}
+        names |= attn(f"{ours}.attn", f"{theirs}.0.SelfAttention", "qkv", "qkv") | ffn(ours, f"{theirs}.1")
+    for i in range(cfg.n_decoder_layers):
+        ours, theirs = f"decoder.layers.{i}", f"decoder.block.{i}.layer"
+        names |= {f"{ours}.self_norm.weight": (f"{theirs}.0.layer_norm.weight",),
+                  f"{ours}.cross_norm.weight": (f"{theirs}.1.layer_norm.weight",),
+                  f"{ours}.ffn_norm.weight": (f"{theirs}.2.layer_norm.weight",),
+                  f"{ours}.cross_attn.q.weight": (f"{theirs}.1.EncDecAttention.q.weight",)}
+        names |= attn(f"{ours}.self_attn", f"{theirs}.0.SelfAttention", "qkv", "qkv")
+        names |= attn(f"{ours}.cross_attn", f"{theirs}.1.EncDecAttention", "kv", "kv") | ffn(ours, f"{theirs}.2")
+    return names
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

@@ -31,7 +31,8 @@ Usage:
     python prepare.py tinystories          # download TinyStories-{train,valid}.txt from the Hugging Face hub
     python prepare.py tinystories_instruct # download TinyStoriesInstruct-{train,valid}.txt
     python prepare.py tinystories --train TinyStories-train.txt --val TinyStories-valid.txt   # local files
-    options: --out-dir DIR (default data/<dataset>), --workers N (default: all cores), --tokenizer mistral|gpt2
+    options: --out-dir DIR (default data/<dataset>), --workers N (default: all cores),
+             --tokenizer mistral|gpt2|t5:HUB_ID_OR_DIR (T5's own, to fine-tune an HF T5 / FLAN-T5 with finetune.py)
 
 Details
 - Input format: records separated by `<|endoftext|>` lines (the TinyStories .txt files). Each record is
@@ -47,7 +48,8 @@ Details
   ~/.cache/huggingface), resumes interrupted downloads, and honours HF_ENDPOINT (mirrors), HF_TOKEN and
   HF_HUB_OFFLINE by itself; nothing here re-implements that.
 - Tokenizer: tokenizer.get_tokenizer (Mistral SentencePiece by default; `--tokenizer gpt2` uses tiktoken,
-  which downloads its BPE file once into TIKTOKEN_CACHE_DIR and then works offline). Ids are stored as
+  which downloads its BPE file once into TIKTOKEN_CACHE_DIR and then works offline; `--tokenizer
+  t5:google/flan-t5-base` is T5's spiece.model, from the hub like the data, or from a local directory). Ids are stored as
   uint16, so a vocabulary over 65,536 ids is refused before anything is written.
 - Speed: the file is streamed in CHUNK_BYTES blocks cut at record boundaries (never loaded whole); a
   multiprocessing Pool tokenizes blocks in parallel, each worker building its tokenizer once and encoding a
@@ -720,7 +722,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val", help="local validation .txt file (with --train)")
     ap.add_argument("--out-dir", help="output directory (default: data/DATASET next to this file)")
     ap.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all cores)")
-    ap.add_argument("--tokenizer", default="mistral", choices=["mistral", "gpt2"])
+    ap.add_argument("--tokenizer", default="mistral",
+                    help="mistral (default), gpt2, or t5:HUB_ID_OR_DIR: T5's spiece.model, e.g. t5:google/flan-t5-base")
     a = ap.parse_args(argv)
     try:
         prepare(a.dataset, a.out_dir, a.train, a.val, a.workers, a.tokenizer)

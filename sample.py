@@ -14,7 +14,10 @@ Modes and the encoder input each one builds (the formats the model was trained o
                ([X] with --denoiser X)   "<extra_id_0> span <extra_id_1> span ...", which is spliced back into the text
     summarize  [S] Summarize: story </s> the fine-tuning format of finetune.py (summarize_input)
 The default mode is summarize for a fine-tuned checkpoint and continue for a pre-trained one; any mode runs
-on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly forgotten how).
+on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly forgotten how). --ckpt also takes
+an export directory (checkpoint.py export) or a Hugging Face T5 (hf:HUB_ID or a save_pretrained directory); a
+model with T5's own tokenizer (e.g. FLAN-T5 fine-tuned by finetune.py) has no mode tokens: the same inputs
+without [S] / [R] / [X].
 
 Decoding: greedy by default; --do-sample with --temperature / --top-k / --top-p (and --seed); or beam search
 with --num-beams N. Tokens that are never text (pad, mode tokens, and sentinels except in fill mode) are
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.")
-    p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt", help="a checkpoint from train.py or finetune.py")
+    p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt",
+                   help="a train.py / finetune.py checkpoint, an export directory, or an HF T5 (hf:HUB_ID or a directory)")
     p.add_argument("--mode", choices=["continue", "fill", "summarize"],
                    help="default: summarize for a fine-tuned checkpoint, else continue")
     p.add_argument("--denoiser", choices=["R", "X"],
@@ -230,9 +234,9 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
         if gaps != tok.sentinel_ids[:len(gaps)]:  # the only order span corruption ever showed the model
             raise SystemExit(f"error: prompt {k + 1}: number its gaps <extra_id_0>, <extra_id_1>, ... in order, "
                              "each once")
-        ids = [tok.mode_ids[denoiser]] + body + [tok.eos_id]
+        ids = tok.mode_prefix(denoiser) + body + [tok.eos_id]
     elif mode == "continue":
-        ids = [tok.mode_ids["S"]] + tok.encode(prompt) + [tok.eos_id]
+        ids = tok.mode_prefix("S") + tok.encode(prompt) + [tok.eos_id]
     else:
         ids, cut = summarize_input(tok.encode(prompt), tok, encoder_len)
         if cut:  # the story did not fit: measure how far over it is
@@ -244,10 +248,11 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
 
 
 def render(mode: str, inputs: list[int], generated: list[int], tok: Tokenizer) -> str:
-    if mode == "continue":  # the prompt, then what the decoder wrote after it (drop [S] and eos)
-        return tok.decode(inputs[1:-1] + generated)
+    body = inputs[len(tok.mode_prefix("S")):-1]  # the prompt: drop the mode token (if any) and eos
+    if mode == "continue":  # the prompt, then what the decoder wrote after it
+        return tok.decode(body + generated)
     if mode == "fill":
-        return tok.decode(fill_gaps(inputs[1:-1], generated, tok))
+        return tok.decode(fill_gaps(body, generated, tok))
     return tok.decode(generated)
 
 

@@ -9,6 +9,15 @@ Layout of the ids (Mistral, 32,000 SentencePiece pieces, ids 0..31999 with </s> 
 Sentinels fill the vocabulary up to a multiple of 128, which keeps the embedding and output matmuls
 tensor-core friendly, with at least MIN_SENTINELS of them: the most spans the UL2 mixture makes is
 round(0.5 * L / 3) for X-denoising (mean span 3, rate 0.5), i.e. 128 spans for a 766-token window.
+
+"t5:SOURCE" is T5's own vocabulary, to fine-tune Hugging Face T5 / T5 v1.1 / FLAN-T5 models (checkpoint.py):
+the spiece.model of SOURCE (a hub id such as google/flan-t5-base, a directory that holds it, or the file).
+Its layout is T5's (HF T5Tokenizer), not the one above:
+
+    0, 1, 2        <pad> </s> <unk>   pad is the decoder start token; no UL2 mode tokens
+    3..n-1         SentencePiece pieces (n = 32,000 for T5)
+    n..n+99        <extra_id_99> .. <extra_id_0>   100 sentinels at the top, in reverse order
+    n+100..        unused rows up to a multiple of 128 (T5's 32,128), never generated
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import re
 from functools import lru_cache
 
 MIN_SENTINELS = 250
+T5_SENTINELS = 100
 SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 
@@ -32,6 +42,18 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
             self.base_vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
+        elif name.startswith("t5:"):
+            import sentencepiece as spm
+
+            source = name[3:]  # a local one by its absolute path: the name goes into checkpoints and meta.json
+            self.name = "t5:" + os.path.abspath(source) if os.path.exists(source) else name
+            self.model_file = t5_model_file(source)
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+            self.base_vocab_size = self._sp.get_piece_size()
+            self.eos_id = self._sp.eos_id()
+            if (self._sp.pad_id(), self.eos_id) != (0, 1):
+                raise ValueError(f"{self.model_file} is not T5's SentencePiece model: T5's has pad 0 and eos 1, "
+                                 f"this one pad {self._sp.pad_id()} and eos {self.eos_id}")
         elif name == "gpt2":
             # tiktoken downloads the GPT-2 BPE file once (to TIKTOKEN_CACHE_DIR) and then works offline.
             import tiktoken
@@ -41,20 +63,33 @@ class Tokenizer:
             self.base_vocab_size = self._bpe.n_vocab
             self.eos_id = self._bpe.eot_token
         else:
-            raise ValueError(f"unknown tokenizer {name!r}: use 'mistral' or 'gpt2'")
+            raise ValueError(f"unknown tokenizer {name!r}: use 'mistral', 'gpt2' or 't5:HUB_ID_OR_DIR'")
         n = self.base_vocab_size
-        self.pad_id = n
-        self.mode_ids = {"R": n + 1, "X": n + 2, "S": n + 3}
-        first_sentinel = n + 4
-        self.vocab_size = -(-(first_sentinel + MIN_SENTINELS) // 128) * 128
-        self.sentinel_ids = list(range(first_sentinel, self.vocab_size))
+        if name.startswith("t5:"):
+            self.pad_id, self.mode_ids = 0, {}
+            self.vocab_size = -(-(n + T5_SENTINELS) // 128) * 128
+            self.sentinel_ids = [n + T5_SENTINELS - 1 - k for k in range(T5_SENTINELS)]
+        else:
+            self.pad_id = n
+            self.mode_ids = {"R": n + 1, "X": n + 2, "S": n + 3}
+            first_sentinel = n + 4
+            self.vocab_size = -(-(first_sentinel + MIN_SENTINELS) // 128) * 128
+            self.sentinel_ids = list(range(first_sentinel, self.vocab_size))
+        special = {self.pad_id, *self.mode_ids.values(), *self.sentinel_ids}
+        self.unused_ids = [i for i in range(n, self.vocab_size) if i not in special]  # T5's 32100..32127
         self._special_names = {self.pad_id: "<pad>", **{i: f"[{m}]" for m, i in self.mode_ids.items()}}
         self._special_names.update({s: f"<extra_id_{k}>" for k, s in enumerate(self.sentinel_ids)})
 
     def non_text_ids(self, sentinels: bool = True) -> list[int]:
-        """Ids that a story or a summary never contains: pad, the mode tokens and, unless sentinels=False
-        (filling gaps, where the decoder writes them), the sentinels. For generate(suppress_tokens=...)."""
-        return [self.pad_id, *self.mode_ids.values(), *(self.sentinel_ids if sentinels else [])]
+        """Ids that a story or a summary never contains: pad, the mode tokens, unused ids and, unless
+        sentinels=False (filling gaps, where the decoder writes them), the sentinels. For
+        generate(suppress_tokens=...)."""
+        return [self.pad_id, *self.mode_ids.values(), *self.unused_ids, *(self.sentinel_ids if sentinels else [])]
+
+    def mode_prefix(self, mode: str) -> list[int]:
+        """The UL2 mode token ("R", "X" or "S") that starts an input, as a list: [] for T5's own vocabulary,
+        which has none (T5 was pre-trained without them; its inputs start with the text or a task prefix)."""
+        return [self.mode_ids[mode]] if self.mode_ids else []
 
     def __getstate__(self):
         return {"name": self.name}
@@ -90,11 +125,13 @@ class Tokenizer:
     def _encode_continuation(self, text: str) -> list[int]:
         if self.name == "gpt2":
             return self._bpe.encode_ordinary(text)
+        if self.name.startswith("t5:"):  # as HF T5Tokenizer (legacy): text after a sentinel is a new text
+            return self._sp.encode(text)
         # SentencePiece prefixes every text with a word-start space; encode after a newline and cut it off.
         return self._sp.encode("\n" + text)[2:]
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.name == "mistral":
+        if self.name != "gpt2":
             return self._sp.encode(texts)
         return self._bpe.encode_ordinary_batch(texts)
 
@@ -108,7 +145,7 @@ class Tokenizer:
         out: list[str] = []
         run: list[int] = []
         for i in ids + [-1]:
-            if 0 <= i < self.base_vocab_size and i != self.eos_id:
+            if 0 <= i < self.base_vocab_size and i not in (self.eos_id, self.pad_id):
                 run.append(i)
                 continue
             if run:
@@ -139,6 +176,27 @@ def mistral_model_file() -> str:
         raise SystemExit(f"{path} is missing: this mistral-common version does not ship tokenizer.model.v1; "
                          "pip install 'mistral-common>=1.5'")
     return path
+
+
+def t5_model_file(source: str) -> str:
+    """T5's spiece.model: `source` itself, in the directory `source`, or of the hub model `source` (downloaded
+    with huggingface_hub into its cache; offline, a file already there is used)."""
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        path = os.path.join(source, "spiece.model")
+        if not os.path.isfile(path):
+            raise ValueError(f"{source} has no spiece.model (T5's tokenizer): copy it there from the model's hub "
+                             "repository, or save it with T5Tokenizer.save_pretrained")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=source, filename="spiece.model")
+    except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"could not download spiece.model of {source!r} from the Hugging Face hub "
+                         f"({type(e).__name__}: {first}); offline, use a local directory that holds it") from None
 
 
 @lru_cache(maxsize=None)

@@ -190,6 +190,9 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         train_docs, val_docs = prepare.load_documents(data_dir, "train"), prepare.load_documents(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if not tok.mode_ids:  # T5's own vocabulary (tokenizer.py)
+        raise SystemExit(f"{data_dir} was tokenized with T5's {tok.name!r}, which has no UL2 mode tokens: pre-train on "
+                         "data prepared with --tokenizer mistral or gpt2 (T5's is for fine-tuning HF T5 models)")
     wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
     wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
     if wrong:

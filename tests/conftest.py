@@ -36,3 +36,54 @@ def nan_losses(monkeypatch) -> NaNLosses:
 
     monkeypatch.setattr(ROT5, "forward", nan_forward)
     return state
+
+
+# -- Hugging Face T5 stand-ins (offline): T5's tokenizer layout and save_pretrained directories ------------
+
+STORIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "stories.txt")
+T5_STANDIN_PIECES = 800  # T5's spiece.model has 32,000; a small vocabulary trains in a second
+
+
+@pytest.fixture(scope="session")
+def t5_spiece(tmp_path_factory) -> str:
+    """A stand-in for T5's spiece.model: SentencePiece (unigram, as T5's) trained on the bundled real stories
+    with T5's special ids, pad 0, eos 1, unk 2, no bos. Path of the model file."""
+    import sentencepiece as spm
+
+    with open(STORIES, encoding="utf-8") as f:
+        stories = [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()]
+    prefix = str(tmp_path_factory.mktemp("spiece") / "spiece")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(stories), model_prefix=prefix, vocab_size=T5_STANDIN_PIECES,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   input_sentence_size=len(stories), num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+def save_hf_t5(path, spiece: str, ffn: str = "relu", seed: int = 0, **config) -> str:
+    """A tiny random HF T5 (v1.0: relu, tied; v1.1: gated-gelu, untied lm_head) for the stand-in vocabulary,
+    saved with save_pretrained into `path` beside its spiece.model. Returns the directory."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tokenizer import Tokenizer
+
+    vocab = Tokenizer("t5:" + spiece).vocab_size  # 800 pieces + 100 sentinels, rounded up to 128: 1024
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(**{**dict(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+                                          num_decoder_layers=2, feed_forward_proj=ffn,
+                                          tie_word_embeddings=ffn == "relu", dropout_rate=0.0, decoder_start_token_id=0),
+                                   **config})
+    hf = transformers.T5ForConditionalGeneration(cfg)
+    if ffn == "gated-gelu":  # transformers 5 ties lm_head even for v1.1 configs; real v1.1 checkpoints don't
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, cfg.d_model) * cfg.d_model ** -0.5)
+    hf.save_pretrained(str(path))
+    shutil.copy(spiece, os.path.join(str(path), "spiece.model"))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_t5_dirs(t5_spiece, tmp_path_factory) -> dict[str, str]:
+    """{"relu": v1.0 directory, "gated-gelu": v1.1 directory}, each a save_pretrained T5 with its spiece.model."""
+    return {ffn: save_hf_t5(tmp_path_factory.mktemp(f"hf_t5_{ffn}"), t5_spiece, ffn) for ffn in ("relu", "gated-gelu")}

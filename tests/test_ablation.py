@@ -145,3 +145,25 @@ def test_wall_time_adds_up_interrupted_invocations(tmp_path, monkeypatch):
     assert state() == {"config": {"d_model": 64}, "result": None, "wall_s": 30.0}
     ablation.run_once(str(run_dir), {"d_model": 64}, script(20.0, crash=False), [], "test")
     assert state() == {"config": {"d_model": 64}, "result": {"argv": ["--resume=True"]}, "wall_s": 50.0}
+
+
+def test_flan_row_fine_tunes_an_hf_t5_the_same_way(study, hf_t5_dirs, monkeypatch, capsys):
+    """--flan=DIR (a tiny random HF T5 v1.1 with the stand-in T5 tokenizer; --flan alone is FLAN-T5-Base from the
+    hub): the finished runs are skipped, the HF model is fine-tuned by the same finetune.py preset on the same
+    real pairs tokenized with its own tokenizer, and its row joins the summarization table."""
+    monkeypatch.chdir(study["dir"])
+    hf_dir = hf_t5_dirs["gated-gelu"]
+    result = ablation.main(ARGV + [f"--flan={hf_dir}"])
+    post = result["finetune"]
+    assert list(post) == ["t5_base", "rot5_base_gqa", "hf_t5"]
+    assert post["t5_base"]["rougeL"] == study["result"]["finetune"]["t5_base"]["rougeL"]  # skipped, not re-run
+    configs = {name: json.loads((study["dir"] / "abl" / f"{name}_summary" / "ablation.json").read_text())["config"]
+               for name in ("t5_base", "hf_t5")}
+    assert (configs["hf_t5"]["init_from"], configs["hf_t5"]["dataset"]) == (hf_dir, "sample_instruct_t5")
+    same = ("train_pairs", "epochs", "batch_size", "learning_rate", "warmup_frac", "eval_pairs", "seed")
+    assert all(configs["hf_t5"][k] == configs["t5_base"][k] for k in same)
+    meta = ablation.prepare.load_meta(os.path.join("data", "sample_instruct_t5"))
+    assert meta["tokenizer"] == f"t5:{hf_dir}" and meta["splits"]["val"]["pairs"]["pairs"] == 1
+    table = (study["dir"] / "abl" / "results.md").read_text()
+    assert f"| HF T5 {hf_dir} |" in table and f"**{post['hf_t5']['rougeL']:.2f}**" in table
+    assert "fine-tuning HF T5" in capsys.readouterr().out
