@@ -234,8 +234,8 @@ SCAN_BLOCK = 1 << 24  # tokens per block of _verify's pass: 32 MB, whatever the 
 
 def _verify(docs: Documents, data_dir: str, meta: dict) -> None:
     """What a damaged shard would otherwise show only hours into a run, or never: one pass over the memmap
-    checks that every id is text (below pad_id, the first special id; a document ends in eos) and that the
-    file still has the sha256 prepare.py recorded (a flipped byte that stays in range). Measured on a shard the
+    checks that every id is text (below base_vocab_size: the tokenizer's own pieces, before the added pad /
+    mode / sentinel ids; a document ends in eos) and that the file still has the sha256 prepare.py recorded (a flipped byte that stays in range). Measured on a shard the
     size of TinyStories-Instruct's train split (688M tokens, real tokens tiled, page cache warm; bench.py g):
     1.65-1.77 s on one core of a busy 2-core EPYC, ~1.0 s of it sha256 (hashlib, SHA-NI) and 0.08 s the id
     scan; a cold cache adds one read of the file, which the id scan needs anyway. That is cheap enough to do in
@@ -243,15 +243,16 @@ def _verify(docs: Documents, data_dir: str, meta: dict) -> None:
     wrote; a sampled checksum would miss single flipped bytes."""
     fix = f"run `{_run_hint(data_dir)}` again (it rebuilds damaged files)"
     tokens, h, bad = docs.tokens, hashlib.sha256(), None
+    text_ids = meta.get("base_vocab_size", meta["pad_id"])
     for start in range(0, len(tokens), SCAN_BLOCK):
         block = tokens[start:start + SCAN_BLOCK]
         h.update(block)
-        if bad is None and int(block.max()) >= meta["pad_id"]:
-            bad = start + int(np.argmax(block >= meta["pad_id"]))
+        if bad is None and int(block.max()) >= text_ids:
+            bad = start + int(np.argmax(block >= text_ids))
     if bad is not None:
         pos, doc = bad, int(np.searchsorted(docs.offsets, bad, side="right")) - 1
         raise ValueError(f"{docs.bin_path} holds id {int(tokens[pos])} at token {pos:,} (document {doc:,}), but text ids "
-                         f"are below {meta['pad_id']} (tokenizer {meta['tokenizer']!r}): the file is damaged; {fix}")
+                         f"are below {text_ids} (tokenizer {meta['tokenizer']!r}): the file is damaged; {fix}")
     ends = docs.offsets[1:] - 1
     if np.any(tokens[ends] != meta["eos_id"]):
         doc = int(np.flatnonzero(tokens[ends] != meta["eos_id"])[0])

@@ -210,10 +210,15 @@ def test_sentinels_suffice_at_configured_lengths(docs, tok):
                 assert ul2.span_counts(w, d.noise_density, d.mean_span)[1] <= min(128, len(tok.sentinel_ids))
 
 
+def same(a: ul2.Batch, b: ul2.Batch) -> bool:
+    return all(p is q if p is None or q is None else torch.equal(p, q) for p, q in zip(a, b))
+
+
 def check_batch(batch: ul2.Batch, batches: ul2.UL2Batches, idx: np.ndarray, docs, tok):
     enc, dec = batches.encoder_len, batches.decoder_len
-    ids, mask, dec_in, labels = batch
-    assert all(t.dtype == torch.long for t in batch)
+    ids, mask, dec_in, labels = batch[:4]   # (one example per row: no segment ids)
+    assert batch.segment_ids is None and batch.decoder_segment_ids is None
+    assert all(t.dtype == torch.long for t in batch[:4])
     B = len(idx)
     assert ids.shape[0] == labels.shape[0] == B and ids.shape == mask.shape and dec_in.shape == labels.shape
     assert ids.shape[1] <= enc and labels.shape[1] <= dec
@@ -271,8 +276,8 @@ def test_determinism_and_ranks(docs, tok):
     kw = dict(encoder_len=128, decoder_len=64, batch_size=8, seed=11)
     a, b = ul2.UL2Batches(docs, tok, **kw), ul2.UL2Batches(docs, tok, **kw)
     for step in (0, 3, 1000):
-        assert all(torch.equal(x, y) for x, y in zip(a.batch(step), b.batch(step)))
-        assert all(torch.equal(x, y) for x, y in zip(a.batch(step), a.batch(step)))
+        assert same(a.batch(step), b.batch(step))
+        assert same(a.batch(step), a.batch(step))
     assert not torch.equal(a.batch(0).input_ids[:, :8], a.batch(1).input_ids[:, :8])
     other_seed = ul2.UL2Batches(docs, tok, **{**kw, "seed": 12})
     assert not np.array_equal(other_seed.indices(0), a.indices(0))
@@ -284,9 +289,9 @@ def test_determinism_and_ranks(docs, tok):
     # resume: the prefetching iterator from step s yields batch(s), batch(s + 1), ...
     it = a.iter_from(5)
     for step in range(5, 9):
-        assert all(torch.equal(x, y) for x, y in zip(next(it), a.batch(step)))
+        assert same(next(it), a.batch(step))
     it.close()
-    assert all(torch.equal(x, y) for x, y in zip(next(iter(a)), a.batch(0)))
+    assert same(next(iter(a)), a.batch(0))
 
 
 def test_epochs_cover_every_document_once(docs, tok):
@@ -307,7 +312,7 @@ def test_eval_batches_fixed_and_in_order(docs, tok):
     again = list(ul2.UL2Batches(docs, tok, encoder_len=128, decoder_len=64, batch_size=8, seed=1234).eval_batches(20))
     assert [len(b.input_ids) for b in first] == [8, 8, 4]
     for x, y in zip(first, again):
-        assert all(torch.equal(p, q) for p, q in zip(x, y))
+        assert same(x, y)
     for k, batch in enumerate(first):
         check_batch(batch, batches, np.arange(8 * k, min(8 * k + 8, 20)), docs, tok)
     # two ranks split the batches between them and together see the same ones
@@ -315,7 +320,7 @@ def test_eval_batches_fixed_and_in_order(docs, tok):
                                  world_size=2).eval_batches(20)) for r in range(2)]
     assert [len(s) for s in split] == [2, 1]
     for x, y in zip([split[0][0], split[1][0], split[0][1]], first):
-        assert all(torch.equal(p, q) for p, q in zip(x, y))
+        assert same(x, y)
 
 
 def test_bad_inputs_raise_clear_errors(docs, tok):
