@@ -41,7 +41,9 @@ and predictions.jsonl (story, reference, prediction of the last evaluation). A n
 that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
 uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
 the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
-any MoE losses), "lm_loss" (comparable with val_loss) and grad_norm, averaged over the updates since the last one.
+any MoE losses), "lm_loss" (comparable with val_loss) and grad_norm, averaged over the updates since the last one,
+and "enc_real" / "dec_real", the fraction of row positions that hold real tokens: training packs several pairs
+per row (pack=True; ul2.pack_examples), with the same loss over the same tokens as one pair per row.
 ROUGE-L is the rouge-score package's F-measure x 100 (stemming on), averaged over validation pairs; the
 lead-1 baseline (the story's first sentence as its summary) is reported beside it for context.
 Single process (the fine-tuning set is small next to pre-training); config keys as in train.py:
@@ -176,6 +178,7 @@ def main(argv: list[str]) -> dict:
     restart_log(metrics_path, start_step if cfg["resume"] else None)
     bad_in_a_row = 0  # non-finite steps in a row
     since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
+    positions = [0, 0, 0, 0]  # encoder real tokens, encoder positions, decoder likewise, since the last log
     t_log = time.perf_counter()
     model.train()
     for step in range(start_step, steps + 1):  # step = optimizer updates done so far
@@ -216,7 +219,10 @@ def main(argv: list[str]) -> dict:
             # (one host sync for both; lm is comparable with val_loss: for MoE, without the aux / z losses)
             total, lm = (torch.stack([loss, out.loss]).detach().float() / len(micro_batches)).tolist()
             step_loss, step_lm_loss = step_loss + total, step_lm_loss + lm
-            step_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+            enc_real, dec_real = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+            step_tokens += enc_real + dec_real
+            positions = [positions[0] + enc_real, positions[1] + batch["input_ids"].numel(),
+                         positions[2] + dec_real, positions[3] + batch["labels"].numel()]
         grad_norm, updated = guarded_step(model, optimizer, cfg["grad_clip"], step_loss)  # as train.py
         if updated:
             bad_in_a_row = 0
@@ -237,10 +243,12 @@ def main(argv: list[str]) -> dict:
             n = since_log["steps"]  # updates made since the last log (skipped steps are not averaged in)
             event = {"event": "train", "step": step + 1, "loss": since_log["loss"] / n, "lm_loss": since_log["lm_loss"] / n,
                      "lr": lr, "grad_norm": since_log["grad_norm"] / n, "tok_per_s": since_log["tokens"] / dt,
-                     "train_truncated": truncated}
+                     "train_truncated": truncated, "enc_real": positions[0] / positions[1],
+                     "dec_real": positions[2] / positions[3]}
             log_event(metrics_path, event)
-            print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s")
-            since_log, t_log = dict.fromkeys(since_log, 0.0), time.perf_counter()
+            print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
+                  f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec")
+            since_log, t_log, positions = dict.fromkeys(since_log, 0.0), time.perf_counter(), [0, 0, 0, 0]
 
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
           f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "
