@@ -3,9 +3,9 @@
 # train on, the 966 genuine V1 validation stories to validate on). 11.5M parameters, 8.3M of them the
 # 32,256 x 256 embedding; shorter windows than T5's 512 / 256 for speed.
 # Tuned for the continuation loss on the validation stories (issue #15; numbers in BENCHMARKS.md): at a
-# fixed 10 minutes the 32k-word output layer is most of a step, so more tokens through this shallow model beat
-# a deeper one (4 + 4 layers costs 1.6x per token); no dropout (less than one epoch: nothing to overfit);
-# half the batch for twice the updates. On a busy machine use OMP_NUM_THREADS=1.
+# fixed 10 minutes more tokens through this shallow model beat a deeper one (4 + 4 layers costs 1.6x per
+# token, and ~1M tokens are far too few for even this body); no dropout (less than one epoch: nothing to
+# overfit); half the batch for twice the updates. On a busy machine use OMP_NUM_THREADS=1.
 out_dir = "out/sample_cpu"
 dataset = "sample"
 epochs = 0.6            # 541 steps of 8 documents, ~890k tokens at ~2,100 tokens/s: what 10 minutes allow
