@@ -27,10 +27,11 @@ The study (the seed's "Initial Pretraining" and "Initial Summarization Tuning"):
 
 Scales:
   --scale cpu   (default) config/ablation_cpu.py after each preset: d_model 256, 4 heads x 64, 2 + 2 layers,
-                GQA with 2 K/V heads, MoE with 4 experts, one epoch (211 steps of 16 documents) of the
+                GQA with 2 K/V heads, MoE with 4 experts, one epoch (451 steps of 16 documents) of the
                 bundled sample (data/sample), then fine-tuning on the bundled 3 TinyStories-Instruct records
                 (2 train, 1 validation: an end-to-end exercise, not a score). 38 minutes measured with
-                OMP_NUM_THREADS=1 on a 2-core CPU (README "Ablation study" has the results).
+                OMP_NUM_THREADS=1 on a 2-core CPU on the earlier, half-size sample (211 steps; README
+                "Ablation study" has the results).
   --scale full  the presets themselves (~223M parameters; 1 epoch of TinyStories, 7,066 steps of 300
                 documents each), fine-tuning with config/finetune_summary.py (1M pairs of
                 TinyStories-Instruct). Needs `python prepare.py tinystories` and `tinystories_instruct`

@@ -26,7 +26,7 @@ the index, that every id is text and every shard's sha256 against meta.json (_ve
 and the tokenizer against the one meta.json recorded (check_tokenizer), each failure one line with the fix.
 
 Usage:
-    python prepare.py sample               # bundled real sample data/sample/stories.txt -> data/sample/
+    python prepare.py sample               # bundled real sample data/sample/{stories,valid}.txt -> data/sample/
     python prepare.py sample_instruct      # 3 real Instruct records data/sample/instruct.txt -> data/sample_instruct/
     python prepare.py tinystories          # download TinyStories-{train,valid}.txt from the Hugging Face hub
     python prepare.py tinystories_instruct # download TinyStoriesInstruct-{train,valid}.txt
@@ -42,8 +42,9 @@ Details
   starts, in any order. Pre-training sees the WHOLE record as unlabeled text (as the seed did, following
   T5's finding that task data helps as unlabeled data); fine-tuning gets (Story, Summary) pairs. A record
   without a Story or a Summary is still pre-training text, but is skipped (and counted) for pairs.
-- The sample datasets have no validation file: the last VAL_FRACTION of the records (177 of 3542 stories,
-  1 of the 3 instruct records) become the val split. Deterministic: it depends only on the file.
+- `sample` has a genuine validation file: data/sample/valid.txt holds 966 stories of the official TinyStories
+  V1 validation split, stories.txt 7,204 train-split stories (data/sample/SOURCES.md). `sample_instruct` has
+  none: the last VAL_FRACTION of its records (1 of the 3) becomes the val split, which depends only on the file.
 - Downloads use huggingface_hub.hf_hub_download, which caches the files (under HF_HOME, by default
   ~/.cache/huggingface), resumes interrupted downloads, and honours HF_ENDPOINT (mirrors), HF_TOKEN and
   HF_HUB_OFFLINE by itself; nothing here re-implements that.
@@ -88,7 +89,7 @@ FORMAT = 1  # bump when the on-disk layout changes: older directories then count
 EOT = b"<|endoftext|>"
 CHUNK_BYTES = 1 << 20  # ~250k tokens per task: big enough to amortise IPC, small enough to balance cores
 MAX_RECORD_BYTES = 1 << 20  # TinyStories records are < 10 kB; a 1 MB "record" means the separators are missing
-VAL_FRACTION = 0.05  # sample datasets only: the tail that becomes the val split
+VAL_FRACTION = 0.05  # sample_instruct only (no validation file): the tail that becomes the val split
 INSTRUCT_FIELDS = ("Summary", "Story", "Features", "Words", "Random sentence")
 FIELD_RE = re.compile(r"^(" + "|".join(INSTRUCT_FIELDS) + r"):[ \t]*", re.M)
 
@@ -97,7 +98,7 @@ DATASETS = {
     "tinystories": ("roneneldan/TinyStories", "TinyStories-train.txt", "TinyStories-valid.txt", False),
     "tinystories_instruct": ("roneneldan/TinyStoriesInstruct", "TinyStoriesInstruct-train.txt",
                              "TinyStoriesInstruct-valid.txt", True),
-    "sample": (None, "stories.txt", None, False),
+    "sample": (None, "stories.txt", "valid.txt", False),
     "sample_instruct": (None, "instruct.txt", None, True),
 }
 # The seed write-up's token counts (its table "Total Tokens / Num. Entries"), to compare a full run with.
@@ -597,11 +598,16 @@ def resolve_sources(dataset: str, train: str | None, val: str | None) -> tuple[l
     repo, train_name, val_name, instruct = DATASETS[dataset]
     if repo is None:
         if train or val:
-            raise ValueError(f"{dataset} always reads data/sample/{train_name}: "
+            raise ValueError(f"{dataset} always reads the bundled files in data/sample/: "
                              "use --train/--val with tinystories or tinystories_instruct")
-        path = os.path.join(SAMPLE_DIR, train_name)
-        if not os.path.exists(path):
-            raise ValueError(f"{path} is missing: the bundled sample is part of the repository; restore it with git")
+        paths = [os.path.join(SAMPLE_DIR, name) for name in (train_name, val_name) if name]
+        for path in paths:
+            if not os.path.exists(path):
+                raise ValueError(f"{path} is missing: the bundled sample is part of the repository; restore it with git")
+        if val_name:  # a genuine validation file
+            return [{"split": split, "path": path, "start": 0, "stop": os.path.getsize(path)}
+                    for split, path in zip(SPLITS, paths)], instruct
+        path = paths[0]
         boundary = split_offset(path, VAL_FRACTION)
         return [{"split": "train", "path": path, "start": 0, "stop": boundary},
                 {"split": "val", "path": path, "start": boundary, "stop": os.path.getsize(path)}], instruct
@@ -629,7 +635,7 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
                          f"(at most 65,536 ids): use a smaller vocabulary")
     sources, instruct = resolve_sources(dataset, train, val)
     for s in sources:
-        s["sha256"] = sha256_file(s["path"])  # of the whole file: the sample's two splits share one
+        s["sha256"] = sha256_file(s["path"])  # of the whole file: sample_instruct's two splits share one
     meta = {
         "format": FORMAT, "dataset": dataset, "tokenizer": tok.name, "tokenizer_sha256": tokenizer_sha256(tok),
         "vocab_size": tok.vocab_size, "base_vocab_size": tok.base_vocab_size, "eos_id": tok.eos_id,

@@ -42,12 +42,17 @@ Outputs in out_dir:
          "tok_per_s", "mfu" (null if the peak is unknown), "enc_real" / "dec_real" (the fraction of encoder /
          decoder positions that hold real tokens, not padding: rank 0's batches), "expert_load" (MoE: per
          layer, per expert)}
-        {"event": "eval" | "eval_full", "step", "tokens", "val_loss", "val_aux_loss", "val_z_loss", "docs"}
+        {"event": "eval" | "eval_full", "step", "tokens", "val_loss", "val_aux_loss", "val_z_loss",
+         "val_loss_R", "val_loss_X", "val_loss_S", "continuation_loss", "docs"}
         {"event": "skip", "step", "loss", "grad_norm"}      (a non-finite loss or gradient: no update)
     Losses are means over the steps since the last "train" event; "tokens" counts raw document tokens
     (before corruption), the unit of the seed's token counts and of `max_tokens`. val_loss is the LM
     cross-entropy alone, so dense and MoE variants compare; "eval" uses the fixed first eval_docs
     validation documents with a fixed corruption, "eval_full" (at the end) the whole validation split.
+    val_loss_R/X/S: val_loss over the examples of each UL2 mode (null for a mode the mixture lacks), as UL2
+    reports its denoisers apart; val_loss is their token-weighted mean. continuation_loss: the same documents
+    cut at half their tokens, [S] + first half -> second half (ul2.continuation_batches), nats per target
+    token: the quality number of a story model, which does not depend on the mixture or the windows.
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
-from ul2 import UL2Batches
+from ul2 import MODES, Batch, UL2Batches, continuation_batches
 
 # -----------------------------------------------------------------------------------------------------------
 # default config: the seed's T5-Base run (UL2 on 1 epoch of TinyStories, batch 300); config/*.py change it
@@ -104,6 +109,7 @@ max_bad_steps = 5         # stop after this many non-finite steps in a row
 # system
 device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N" (one process)
 compile = False           # torch.compile the model (pads rows to encoder_len / decoder_len: fixed shapes)
+dtype = "auto"            # "float32" | "bfloat16" (autocast) | "auto": bfloat16 where it is faster (resolve_dtype)
 seed = 0
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
 # -----------------------------------------------------------------------------------------------------------
@@ -113,8 +119,8 @@ TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") an
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("RTX 3090", 71e12), ("RTX 4090", 165e12))
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
-RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "pack", "epochs", "max_tokens", "batch_size", "learning_rate",
-            "warmup_frac", "seed")
+RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "pack", "epochs", "max_tokens", "batch_size",
+            "learning_rate", "warmup_frac", "seed", "dtype")
 EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
 ADAM_EPS = 1e-8           # HF Trainer's default
 
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--device={config['device']!r} under torchrun: use --device=cuda (process LOCAL_RANK "
                          "takes GPU LOCAL_RANK)")
     device = resolve_device(config["device"], local_rank)
+    resolve_dtype(config["dtype"], device)  # a wrong value is one line here, before any work
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
@@ -169,10 +176,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
-    # bf16 autocast where the GPU has it: no loss scaling needed (fp32's exponent range); fp32 on CPU
-    # (bf16 matmuls are slow and inexact there). TF32 for the matmuls left in fp32 on GPU.
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    # bf16 autocast (no loss scaling needed: fp32's exponent range) where `dtype` asks for it or, with "auto",
+    # where it is faster (resolve_dtype). TF32 for the matmuls left in fp32 on GPU.
+    bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -207,7 +214,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                          seed=cfg.seed, static_shapes=cfg.compile, pack=cfg.pack)
     # Validation: every rank takes every world-th eval batch; the corruption depends on neither.
     val_batches = UL2Batches(val_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.eval_batch_size,
-                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile, pack=cfg.pack)
+                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile)
+    # (one example per row: the per-mode losses split rows by their mode token; packing would mix modes)
     n_eval = min(cfg.eval_docs, len(val_docs))
 
     # -- budget: the LR schedule needs the number of steps up front -------------------------------------
@@ -265,7 +273,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 "rng": random_states(), "metrics": {**last_eval, "tokens": tokens_seen}})
 
     def evaluate(n_docs: int | None) -> dict:
-        return validation_loss(model, val_batches.eval_batches(n_docs), device, autocast, ddp)
+        ul2_losses = validation_loss(model, val_batches.eval_batches(n_docs), device, autocast, ddp, tok.mode_ids)
+        cont = continuation_batches(val_docs, tok, cfg.eval_batch_size, n_docs, rank, world)
+        return {**ul2_losses, "continuation_loss": validation_loss(model, cont, device, autocast, ddp,
+                                                                   tok.mode_ids)["val_loss"]}
 
     c, n_opt, _ = chinchilla(budget)
     say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
@@ -279,7 +290,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if start_step == 0:
         last_eval = {"step": 0, "tokens": 0, **evaluate(n_eval), "docs": n_eval}
         log({"event": "eval", **last_eval})
-        say(f"step 0: val_loss {last_eval['val_loss']:.4f}")
+        say(f"step 0: {eval_line(last_eval)}")
 
     # -- the loop ---------------------------------------------------------------------------------------
     train_model.train()
@@ -367,12 +378,13 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             t_eval = time.perf_counter()
             last_eval = {"step": done, "tokens": tokens_seen, **evaluate(n_eval), "docs": n_eval}
             log({"event": "eval", **last_eval})
-            say(f"step {done}: val_loss {last_eval['val_loss']:.4f} on {n_eval} documents")
-            if done == max_steps:
-                full = {"step": done, "tokens": tokens_seen, **evaluate(None), "docs": len(val_docs)}
+            say(f"step {done}: {eval_line(last_eval)} on {n_eval} documents")
+            if done == max_steps:  # (the subset may be the whole split: then its numbers are the full ones)
+                full = {**last_eval, "docs": len(val_docs)} if n_eval == len(val_docs) else \
+                    {"step": done, "tokens": tokens_seen, **evaluate(None), "docs": len(val_docs)}
                 log({"event": "eval_full", **full})
-                last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k.startswith("val")}}
-                say(f"final: val_loss {full['val_loss']:.4f} on the full validation split ({len(val_docs):,} documents)")
+                last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k not in ("step", "tokens", "docs")}}
+                say(f"final: {eval_line(full)} on the full validation split ({len(val_docs):,} documents)")
             save(done)
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
@@ -441,21 +453,39 @@ def guarded_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches, device: torch.device, autocast, ddp: bool) -> dict:
-    """Token-weighted mean LM loss (and MoE losses) over this rank's eval batches, summed over ranks."""
+def validation_loss(model: torch.nn.Module, batches, device: torch.device, autocast, ddp: bool,
+                    mode_ids: dict[str, int]) -> dict:
+    """Token-weighted mean LM loss (and MoE losses) over this rank's eval batches, summed over ranks, and the LM
+    loss of each UL2 mode (the mode token a row starts with; None for a mode no row has), as UL2 reports its
+    denoisers apart (Tay et al. 2022, sec. 4). A batch runs as one forward per mode over its rows of that mode;
+    rows are independent, so the losses equal one forward per batch up to fp32 rounding (tests check it) and
+    val_loss is the token-weighted mean of the per-mode losses. (MoE: the aux and z losses, batch statistics,
+    are those of the per-mode forwards.)"""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # lm * n, aux * n, z * n, n label tokens
+    sums = torch.zeros(len(MODES), 4, dtype=torch.float64, device=device)  # per mode: lm*n, aux*n, z*n, n labels
     for batch in batches:
-        batch = batch.to(device)
-        with autocast:
-            out = model(*batch)
-        n = (batch.labels != -100).sum()
-        sums += torch.stack([out.loss * n, out.aux_loss * n, out.z_loss * n, n.float()]).double()
+        for m, mode in enumerate(MODES):
+            rows = batch.input_ids[:, 0] == mode_ids[mode]
+            if not rows.any():
+                continue
+            sub = Batch(*(t[rows] for t in batch[:4])).to(device)   # (one example per row: no segment ids)
+            with autocast:
+                out = model(*sub)
+            n = (sub.labels != -100).sum()
+            sums[m] += torch.stack([out.loss * n, out.aux_loss * n, out.z_loss * n, n.float()]).double()
     if ddp:
         dist.all_reduce(sums)
     model.train()
-    lm, aux, z = (sums[:3] / sums[3]).tolist()
-    return {"val_loss": lm, "val_aux_loss": aux, "val_z_loss": z}
+    total = sums.sum(0)
+    lm, aux, z = (total[:3] / total[3]).tolist()
+    per_mode = {f"val_loss_{mode}": float(sums[m, 0] / sums[m, 3]) if sums[m, 3] else None
+                for m, mode in enumerate(MODES)}
+    return {"val_loss": lm, "val_aux_loss": aux, "val_z_loss": z, **per_mode}
+
+
+def eval_line(e: dict) -> str:
+    modes = " ".join(f"{m} {e[f'val_loss_{m}']:.3f}" for m in MODES if e[f"val_loss_{m}"] is not None)
+    return f"val_loss {e['val_loss']:.4f} ({modes}) | continuation_loss {e['continuation_loss']:.4f}"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -477,6 +507,26 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise SystemExit(f"device {name!r} is {device}, but this PyTorch sees {torch.cuda.device_count()} CUDA "
                              f"GPU(s) (torch {torch.__version__}); use cpu, or a GPU that exists")
     return device
+
+
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a `dtype` setting names: float32, or bfloat16 (autocast: matmuls in bf16, weights,
+    optimizer and reductions in fp32). "auto" is bfloat16 where it is the faster choice: a CUDA GPU with bf16,
+    or a CPU with AMX (amx_bf16: Sapphire Rapids and later, where bf16 autocast measured 1.2x on a whole
+    training step, issue #15); fp32 elsewhere, including CPUs with only AVX-512-BF16, where it was not
+    measured, and AVX2 CPUs, where bf16 is emulated and slower (set "bfloat16" to try it anyway)."""
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype={name!r} is not a dtype: use {', '.join(DTYPES)}")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "bfloat16" and device.type == "cuda" and not cuda_bf16:
+        raise SystemExit(f"--dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16: use float32 or auto")
+    if name == "auto":
+        fast = cuda_bf16 if device.type == "cuda" else torch.cpu.get_capabilities().get("amx_bf16", False)
+        return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def device_peak_flops(device: torch.device) -> float:

@@ -106,6 +106,7 @@ def mixture(name: str = "ul2") -> tuple[Denoiser, ...]:
 
 MIXTURE: tuple[Denoiser, ...] = mixture("ul2")
 MIN_LEN = 8   # shortest encoder_len / decoder_len UL2Batches accepts
+MODES = ("R", "X", "S")    # the mode tokens, in the order metrics report them
 _mixture_named = mixture   # UL2Batches' `mixture` argument shadows the function
 
 
@@ -522,3 +523,42 @@ def benchmark_docs_per_s(docs: Sequence, tok, mixture: str = "ul2", batch_size: 
         batches.batch(step)
         n, step = n + batch_size, step + 1
     return n / elapsed
+
+
+def continuation_batches(docs: Sequence, tok, batch_size: int, n_docs: int | None = None, rank: int = 0,
+                         world_size: int = 1) -> Iterator[Batch]:
+    """The continuation-loss evaluation: every document split at half its tokens, in the S-denoiser's format,
+
+        inputs  [S] + doc[:L // 2] + [eos]        targets  doc[L // 2:] + [eos]
+
+    so that the loss on the targets says how well the model continues a story it has read half of. Completing
+    the beginnings of held-out stories is how TinyStories compares its models (Eldan & Li 2023, sec. 3, graded
+    there by GPT-4); the likelihood of the true ending is the automatic form of it. Unlike
+    eval_batches there is no randomness and no cropping: the first n_docs documents (all by default) whole,
+    whatever encoder_len / decoder_len the run trains with, so runs with different windows compare. They are
+    batched in order of length (stable), which keeps padding small; this rank yields batches i with
+    i % world_size == rank. The mean over the targets does not depend on the batching.
+    """
+    n = len(docs) if n_docs is None else min(n_docs, len(docs))
+    lengths = np.array([len(docs[i]) for i in range(n)], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    for i, start in enumerate(range(0, n, batch_size)):
+        if i % world_size != rank:
+            continue
+        idx = order[start:start + batch_size]
+        rows = [np.asarray(docs[j], dtype=np.int64) for j in idx.tolist()]
+        if any(len(d) and d.max() >= tok.pad_id for d in rows):
+            raise ValueError(f"a document holds an id >= {tok.pad_id} (pad/mode/sentinel ids): documents must be "
+                             f"plain text ids from the {tok.name!r} tokenizer")
+        half = lengths[idx] // 2                                                   # (B,)
+        B, T_in, T_out = len(rows), int(half.max()) + 2, int((lengths[idx] - half).max()) + 1
+        input_ids = np.full((B, T_in), tok.pad_id, np.int64)
+        labels = np.full((B, T_out), -100, np.int64)
+        input_ids[:, 0] = tok.mode_ids["S"]
+        for r, (doc, h) in enumerate(zip(rows, half.tolist())):
+            input_ids[r, 1:h + 1], input_ids[r, h + 1] = doc[:h], tok.eos_id
+            labels[r, :len(doc) - h], labels[r, len(doc) - h] = doc[h:], tok.eos_id
+        decoder_input_ids = np.full((B, T_out), tok.pad_id, np.int64)
+        decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == -100, tok.pad_id, labels[:, :-1])
+        yield Batch(torch.from_numpy(input_ids), torch.from_numpy((input_ids != tok.pad_id).astype(np.int64)),
+                    torch.from_numpy(decoder_input_ids), torch.from_numpy(labels))

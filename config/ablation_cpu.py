@@ -1,13 +1,14 @@
 # The CPU scale of the ablation (python ablation.py --scale cpu): applied after each variant's preset
 # (config/t5_base.py ... rot5_base_moe_losses.py), it shrinks the model and the data so that all five
-# variants pre-train on the bundled sample (python prepare.py sample: 3,365 real TinyStories) for one epoch
-# on a CPU (measured with OMP_NUM_THREADS=1: ~2 s per step of 16 documents, 7-8 minutes a variant,
-# 38 minutes for the study; the 32,256-word output layer is much of it).
+# variants pre-train on the bundled sample (python prepare.py sample: 7,204 real TinyStories) for one epoch
+# on a CPU (measured with OMP_NUM_THREADS=1 on the earlier 3,365-story sample: ~2 s per step of 16 documents,
+# 7-8 minutes a variant, 38 minutes for the study; the 32,256-word output layer is much of it. One epoch of
+# today's sample is 451 steps, about twice that).
 # ablation.py adds what differs per variant at this size: GQA keeps 2 of the 4 K/V heads (the presets'
 # 3 query heads per K/V head does not divide 4 heads), MoE uses 4 experts (not 8).
 # Every variant sees the same documents, in the same order, with the same corruption (matched compute).
 dataset = "sample"
-epochs = 1.0            # 211 steps of 16 documents = the 3,365 training stories once, ~705k tokens per variant
+epochs = 1.0            # 451 steps of 16 documents = the 7,204 training stories once, ~1.48M tokens per variant
 batch_size = 16         # the same for every variant (the seed used 256 for MoE; here MoE is matched too)
 micro_batch_size = 16
 encoder_len = 256       # shorter windows than T5's 512 / 256 for speed; 90% of the stories are < 283 tokens
@@ -15,7 +16,7 @@ decoder_len = 128
 learning_rate = 2e-3    # a small model trained for few steps tolerates (and needs) a higher peak
 log_interval = 5
 eval_interval = 10      # a point on the validation curve every 160 documents
-eval_docs = 32          # the curve's fixed validation subset (the seed: 500); the final number uses all 177
+eval_docs = 32          # the curve's fixed validation subset (the seed: 500); the final number uses all 966
 eval_batch_size = 32
 device = "cpu"
 

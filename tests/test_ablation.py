@@ -22,7 +22,7 @@ ARGV = ["--variants", "t5_base,rot5_base_gqa", "--steps", "2", "--out", "abl", *
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
+def study(tmp_path_factory, short_val_sample) -> dict:
     """The study run once in a fresh directory (train.py and finetune.py read data/ relative to it)."""
     work = tmp_path_factory.mktemp("ablation")
     cwd = os.getcwd()
@@ -89,7 +89,7 @@ def test_rerun_skips_finished_runs_and_refuses_changed_settings(study, capsys, m
 
 def test_steps_budget_is_exact(study, monkeypatch):
     """--steps N becomes an epochs budget; train.py's rule ceil(epochs * docs / batch) must give exactly N."""
-    monkeypatch.chdir(study["dir"])  # its data/sample: 3,365 training documents
+    monkeypatch.chdir(study["dir"])  # its data/sample: 7,204 training documents
     variant = ablation.VARIANTS[0]
     for steps in (1, 2, 7, 53, 105, 106, 1000):
         for batch in (8, 32, 300):

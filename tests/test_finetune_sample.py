@@ -44,7 +44,7 @@ def real_stories(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
+def run(tmp_path_factory, short_val_sample) -> dict:
     """tmp/data/{sample,sample_instruct} prepared; a 3-step pre-train; the sample fine-tuning config run on it."""
     work = tmp_path_factory.mktemp("finetune")
     cwd = os.getcwd()

@@ -15,6 +15,7 @@ import prepare  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 STORIES = os.path.join(prepare.SAMPLE_DIR, "stories.txt")
+VALID = os.path.join(prepare.SAMPLE_DIR, "valid.txt")
 INSTRUCT = os.path.join(prepare.SAMPLE_DIR, "instruct.txt")
 SEP = "<|endoftext|>"
 
@@ -45,22 +46,26 @@ def instruct_dir(tmp_path_factory) -> str:
 
 
 def test_sample_round_trip(sample_dir, tok):
-    recs = records(STORIES)
-    n_val = round(prepare.VAL_FRACTION * len(recs))
+    """train = the 7,204 train-split stories of stories.txt, val = the 966 V1-validation stories of valid.txt."""
+    recs, val_recs = records(STORIES), records(VALID)
     train, val = prepare.load_documents(sample_dir, "train"), prepare.load_documents(sample_dir, "val")
-    assert (len(recs), len(train), len(val)) == (3542, 3542 - n_val, n_val)
+    assert (len(recs), len(train), len(val_recs), len(val)) == (7204, 7204, 966, 966)
+    # the validation split is held out: no story of it occurs in the training split (whitespace collapsed)
+    assert not {" ".join(r.split()) for r in recs} & {" ".join(r.split()) for r in val_recs}
     docs = list(train) + list(val)
     assert all(d.dtype == np.uint16 and tok.eos_id not in d for d in docs)
-    mismatches = [i for i, (d, r) in enumerate(zip(docs, recs)) if tok.decode(d) != r]
+    mismatches = [i for i, (d, r) in enumerate(zip(docs, recs + val_recs)) if tok.decode(d) != r]
     assert mismatches == []
     assert np.array_equal(docs[0], tok.encode(recs[0]))  # the same ids as encoding one record alone
+    assert tok.decode(val[0]).startswith("Spot. Spot saw the shiny car")  # the opening of V1's validation split
 
 
 def test_index_offsets_and_meta_counts(sample_dir, tok, tmp_path):
     meta = prepare.load_meta(sample_dir)
     assert meta["tokenizer"] == "mistral" and meta["vocab_size"] == tok.vocab_size and meta["eos_id"] == tok.eos_id
     assert meta["tokenizer_sha256"] == prepare.sha256_file(tok.model_file)
-    assert {s["sha256"] for s in meta["sources"]} == {prepare.sha256_file(STORIES)}
+    assert [(s["split"], s["sha256"]) for s in meta["sources"]] == [("train", prepare.sha256_file(STORIES)),
+                                                                    ("val", prepare.sha256_file(VALID))]
     for split in ("train", "val"):
         tokens = np.fromfile(os.path.join(sample_dir, f"{split}.bin"), dtype=np.uint16)
         offsets = np.load(os.path.join(sample_dir, f"{split}.idx.npy"))
@@ -70,8 +75,7 @@ def test_index_offsets_and_meta_counts(sample_dir, tok, tmp_path):
         assert np.all(tokens[offsets[1:] - 1] == tok.eos_id)  # an eos closes every document ...
         assert np.count_nonzero(tokens == tok.eos_id) == c["documents"]  # ... and appears nowhere else
         assert len(tokens) == c["tokens"] + c["documents"] and c["skipped"] == c["bad_bytes"] == 0
-    # the val split starts exactly where the train split's last record ended
-    assert meta["sources"][0]["stop"] == meta["sources"][1]["start"]
+    assert all(s["start"] == 0 and s["stop"] == os.path.getsize(s["path"]) for s in meta["sources"])  # whole files
     # parallel and serial tokenization write byte-identical shards
     serial = str(tmp_path / "serial")
     prepare.prepare("sample", serial, workers=1)

@@ -2,6 +2,8 @@
 model. Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train.py"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -18,20 +20,25 @@ import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 from model import ROT5, ROT5Config  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
+from ul2 import UL2Batches, continuation_batches  # noqa: E402
 
-# A tiny RoPE + GQA model and short windows: every run below takes seconds on one CPU core.
+# A tiny RoPE + GQA model and short windows: every run below takes seconds on one CPU core. fp32 whatever the
+# CPU (dtype=auto would pick bf16 on AMX CPUs): the tolerances below are fp32's.
 TINY = ["--dataset=sample", "--device=cpu", "--d_model=64", "--n_heads=2", "--head_dim=32", "--n_kv_heads=1",
         "--d_ff=128", "--n_encoder_layers=2", "--n_decoder_layers=2", "--position=rope", "--encoder_len=128",
-        "--decoder_len=64", "--eval_docs=32", "--eval_batch_size=32", "--log_interval=1"]
+        "--decoder_len=64", "--eval_docs=32", "--eval_batch_size=32", "--log_interval=1", "--dtype=float32"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def sample_data():
-    """data/sample/ from the bundled stories (a no-op when prepare.py already made it)."""
+def sample_data(tmp_path_factory, short_val_sample):
+    """work/data/sample/ from the bundled stories, validating on 64 of the genuine validation stories (conftest)."""
+    work = tmp_path_factory.mktemp("train")
     cwd = os.getcwd()
-    os.chdir(REPO)  # train.py reads data/<dataset> relative to the working directory, as nanoGPT
-    prepare.prepare("sample", workers=1)
-    yield prepare.load_meta(os.path.join(REPO, "data", "sample"))
+    os.chdir(work)  # train.py reads data/<dataset> relative to the working directory, as nanoGPT
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.prepare("sample", out_dir=os.path.join("data", "sample"), workers=1)
+    yield prepare.load_meta(os.path.join("data", "sample"))
     os.chdir(cwd)
 
 
@@ -70,9 +77,15 @@ def test_loss_falls_on_the_sample(tmp_path, sample_data):
     trained = events(out, "train")
     assert len(trained) == 20 and trained[-1]["loss"] < trained[0]["loss"] - 1.0 and trained[-1]["lr"] > 0
     assert all(e["aux_loss"] == 0 and e["z_loss"] == 0 and e["mfu"] is None for e in trained)  # dense, CPU
+    # the continuation loss (first half of a validation story -> second half) and each UL2 mode's loss fall too
+    assert val[0]["continuation_loss"] > val[1]["continuation_loss"] > val[2]["continuation_loss"]
+    for m in "RXS":
+        assert val[0][f"val_loss_{m}"] > val[2][f"val_loss_{m}"]
     full = events(out, "eval_full")
     assert full[0]["docs"] == sample_data["splits"]["val"]["documents"]
     assert result["full_val_loss"] == full[0]["val_loss"]
+    assert result["full_continuation_loss"] == full[0]["continuation_loss"]
+    assert result["full_val_loss_S"] == full[0]["val_loss_S"]
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == 20 and ckpt["tokenizer"] == "mistral"
     # tokens: raw document tokens (before corruption), 8 documents of ~210 tokens per step
@@ -102,8 +115,8 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
     train.main(args + [f"--out_dir={tmp_path / 'one'}"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args, f"--out_dir={tmp_path / 'two'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           os.path.join(REPO, "train.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                          env=env, capture_output=True, text=True, timeout=300)  # in the fixture's directory
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout + proc.stderr
     one, two = events(tmp_path / "one", "train"), events(tmp_path / "two", "train")
@@ -210,7 +223,9 @@ def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch)
 
     def slow_validation_loss(*args, **kwargs):
         evaluations.append(1)
-        if len(evaluations) == 2:  # the evaluation after step 1 (the first one is at step 0)
+        # an evaluation calls it twice (UL2 batches, then continuation batches): call 3 starts the evaluation
+        # after step 1 (the first one is at step 0)
+        if len(evaluations) == 3:
             clock["t"] += 1000.0
         return real_validation_loss(*args, **kwargs)
 
@@ -223,6 +238,73 @@ def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch)
     assert event["step"] == 2
     # counted, the evaluation alone would put tok/s below tokens / 1000 s; left out, a few clock readings remain
     assert event["tok_per_s"] > event["tokens"] / 10.0, event
+
+
+def test_validation_loss_per_mode(sample_data):
+    """val_loss_R/X/S are the losses of each mode's rows, run as separate forwards: their token-weighted mean is
+    val_loss, and that equals one forward per whole batch (rows are independent; padding is masked)."""
+    tok = get_tokenizer(sample_data["tokenizer"])
+    val = prepare.load_documents(os.path.join("data", "sample"), "val")
+    torch.manual_seed(0)
+    model = ROT5(ROT5Config(d_model=64, n_heads=2, head_dim=32, n_kv_heads=1, d_ff=128, n_encoder_layers=2,
+                            n_decoder_layers=2, position="rope")).eval()
+    batches = list(UL2Batches(val, tok, "ul2", 128, 64, 16, seed=train.EVAL_SEED).eval_batches(64))
+    loss_sum, n_mode = 0.0, dict.fromkeys("RXS", 0)
+    with torch.no_grad():
+        for b in batches:
+            loss_sum += float(model(*b).loss) * int((b.labels != -100).sum())
+            for m in n_mode:
+                n_mode[m] += int((b.labels[b.input_ids[:, 0] == tok.mode_ids[m]] != -100).sum())
+    got = train.validation_loss(model, batches, torch.device("cpu"), contextlib.nullcontext(), False, tok.mode_ids)
+    model.eval()  # (validation_loss hands the model back in training mode)
+    assert all(n_mode.values())  # 64 documents: every mode occurs
+    # the same fp32 products summed in another order (other batch shapes): relative differences of a few fp32
+    # ulps (1.2e-7) per logit, far below 1e-5 of the mean
+    assert got["val_loss"] == pytest.approx(loss_sum / sum(n_mode.values()), rel=1e-5)
+    weighted = sum(n_mode[m] * got[f"val_loss_{m}"] for m in n_mode) / sum(n_mode.values())
+    assert weighted == pytest.approx(got["val_loss"], rel=1e-12)  # (float64 sums of the same numbers)
+    assert len({round(got[f"val_loss_{m}"], 6) for m in n_mode}) == 3  # three different numbers, not one copied
+    # continuation batches are all [S] rows: R and X are absent, not zero
+    cont = train.validation_loss(model, continuation_batches(val, tok, 16, 8), torch.device("cpu"),
+                                 contextlib.nullcontext(), False, tok.mode_ids)
+    assert cont["val_loss_R"] is None and cont["val_loss_X"] is None and cont["val_loss_S"] == cont["val_loss"]
+
+
+def test_bfloat16_trains_on_cpu(tmp_path, sample_data, capsys):
+    """dtype=bfloat16 runs the CPU path under bf16 autocast: it trains, and its losses differ from fp32's by
+    bf16 rounding (8 significant bits: ~0.4% per rounding), not by more. On 40 + 8 real stories: CPUs without
+    AMX emulate bf16, several times slower than fp32, and the run ends by evaluating its whole validation split."""
+    stories = [s.strip() for s in open(prepare.SAMPLE_DIR + "/stories.txt", encoding="utf-8").read().split("<|endoftext|>")]
+    valid = [s.strip() for s in open(prepare.SAMPLE_DIR + "/valid.txt", encoding="utf-8").read().split("<|endoftext|>")]
+    for name, texts in (("train.txt", stories[:40]), ("val.txt", valid[:8])):
+        (tmp_path / name).write_text("".join(f"{t}\n<|endoftext|>\n" for t in texts), encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.prepare("tinystories", os.path.join("data", "bf16_test"), str(tmp_path / "train.txt"),
+                        str(tmp_path / "val.txt"), workers=1)
+    args = TINY + ["--dataset=bf16_test", "--epochs=0.2", "--batch_size=4", "--micro_batch_size=4", "--eval_docs=8",
+                   "--eval_interval=100", "--learning_rate=3e-3"]
+    train.main(args + [f"--out_dir={tmp_path / 'fp32'}"])
+    capsys.readouterr()
+    result = train.main(args + [f"--out_dir={tmp_path / 'bf16'}", "--dtype=bfloat16"])
+    assert "cpu bf16" in capsys.readouterr().out
+    fp32, bf16 = events(tmp_path / "fp32", "train"), events(tmp_path / "bf16", "train")
+    assert [e["step"] for e in bf16] == [1, 2] and all(math.isfinite(e["loss"]) for e in bf16)
+    for a, b in zip(fp32, bf16):
+        assert a["loss"] != b["loss"] and b["loss"] == pytest.approx(a["loss"], rel=0.02)
+    assert math.isfinite(result["full_continuation_loss"])
+    weights = params(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # autocast: the weights stay fp32
+    assert any((weights[k] != v).any() for k, v in params(tmp_path / "fp32").items())
+
+
+def test_dtype_auto_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert train.resolve_dtype("float32", cpu) == torch.float32 and train.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    for amx, want in ((True, torch.bfloat16), (False, torch.float32)):  # auto: bf16 on CPUs with AMX only
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx, "avx2": True})
+        assert train.resolve_dtype("auto", cpu) == want
+    with pytest.raises(SystemExit, match=r"--dtype='fp16' is not a dtype: use float32, bfloat16, auto"):
+        train.main(["--device=cpu", "--dtype=fp16"])
 
 
 # ---------------------------------------------------------------------------------------------------------

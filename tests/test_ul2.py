@@ -333,3 +333,41 @@ def test_bad_inputs_raise_clear_errors(docs, tok):
     bad = [np.concatenate([docs[0], [tok.sentinel_ids[0]]])]
     with pytest.raises(ValueError, match="plain text ids"):
         ul2.UL2Batches(bad, tok, batch_size=1).batch(0)
+
+
+@lru_cache(maxsize=None)
+def validation_stories() -> tuple[np.ndarray, ...]:
+    """The first 100 genuine validation stories (data/sample/valid.txt)."""
+    with open(os.path.join(ROOT, "data", "sample", "valid.txt"), encoding="utf-8") as f:
+        texts = [t.strip() for t in f.read().split("<|endoftext|>") if t.strip()][:100]
+    return tuple(np.array(ids, dtype=np.uint16) for ids in get_tokenizer().encode(texts))
+
+
+def test_continuation_batches_reconstruct_the_stories(tok):
+    """[S] + first half + eos -> second half + eos, every story exactly once and whole (no cropping), whatever
+    the batch size; the 0-, 1- and 2-token prefixes of a real story too."""
+    val = validation_stories()
+    docs = list(val[:37]) + [val[37][:0], val[38][:1], val[39][:2]]
+    seen = []
+    for batch in ul2.continuation_batches(docs, tok, batch_size=8):
+        assert torch.equal(batch.attention_mask, (batch.input_ids != tok.pad_id).long())
+        shifted = torch.where(batch.labels[:, :-1] == -100, tok.pad_id, batch.labels[:, :-1])
+        assert torch.equal(batch.decoder_input_ids[:, 1:], shifted) and (batch.decoder_input_ids[:, 0] == tok.pad_id).all()
+        for inputs, labels in zip(batch.input_ids.numpy(), batch.labels.numpy()):
+            doc = ul2.reconstruct(inputs, labels, tok)
+            body = inputs[inputs != tok.pad_id]
+            assert body[0] == tok.mode_ids["S"] and body[-1] == tok.eos_id and len(body) == len(doc) // 2 + 2
+            assert (labels != -100).sum() == len(doc) - len(doc) // 2 + 1   # the second half and eos
+            seen.append(tuple(doc.tolist()))
+    assert sorted(seen) == sorted(tuple(d.tolist()) for d in docs)
+    assert max(len(d) for d in docs) > 300   # long stories stay whole (no encoder_len / decoder_len here)
+    # a prefix of the documents, split between two ranks: together the same batches as one rank
+    one = list(ul2.continuation_batches(docs, tok, batch_size=8, n_docs=30))
+    two = [list(ul2.continuation_batches(docs, tok, batch_size=8, n_docs=30, rank=r, world_size=2)) for r in range(2)]
+    assert [len(one), len(two[0]), len(two[1])] == [4, 2, 2]
+    for x, y in zip([two[0][0], two[1][0], two[0][1], two[1][1]], one):
+        assert all(torch.equal(p, q) for p, q in zip(x, y))
+    assert sum(len(b.input_ids) for b in one) == 30
+    bad = [np.concatenate([docs[0], [tok.sentinel_ids[0]]])]
+    with pytest.raises(ValueError, match="plain text ids"):
+        next(ul2.continuation_batches(bad, tok, batch_size=1))
