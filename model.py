@@ -570,15 +570,13 @@ class Encoder(nn.Module):
                 unpadded: Unpadded | None = None, segment_ids: Tensor | None = None, flex: bool = False) -> Tensor:
         """x: (B, S, d) embedded input, or its (N, d) real tokens with `unpadded` (output alike);
         attention_mask: (B, S) bool, False at padding, or None; segment_ids: (B, S) for packed rows, or None."""
-        B, S = (x.shape[0], x.shape[1]) if unpadded is None else (unpadded.B, unpadded.T)
+        S = x.shape[1] if unpadded is None else unpadded.T
         pos = torch.arange(S, device=x.device)
         bias = None if self.relative_bias is None else self.relative_bias(pos, pos)  # (1, H, S, S), all layers
         rope = None if bias is not None else rope_cos_sin(pos if segment_ids is None else segment_positions(segment_ids),
                                                           self.cfg.head_dim, self.cfg.rope_theta)
-        if segment_ids is not None or flex:  # packed rows; or FlexAttention, a padded row being one segment
-            seg = segment_ids if segment_ids is not None else \
-                torch.ones(B, S, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask.long()
-            mask = stack_masks(seg, seg, False, bias, flex, mask_dtype(x))
+        if segment_ids is not None:  # packed rows (or FlexAttention, to which a padded row is one segment)
+            mask = stack_masks(segment_ids, segment_ids, False, bias, flex, mask_dtype(x))
         else:  # one example per row: a key padding mask (B, 1, 1, S), broadcast over the queries
             mask = None if attention_mask is None else attention_mask[:, None, None, :]
             if bias is not None:
@@ -620,7 +618,7 @@ class Decoder(nn.Module):
         `enc_unpadded` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
         shape without d, False at tokens the router statistics skip, or None; segment_ids (B, T) and
         enc_segment_ids (B, S): packed rows (training and scoring only, never with a cache)."""
-        B, T, dev = (*x.shape[:2], x.device) if unpadded is None else (unpadded.B, unpadded.T, x.device)
+        T, dev = (x.shape[1] if unpadded is None else unpadded.T), x.device
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.self_kv.shape[4]:
             raise ValueError(f"KV cache holds {cache.self_kv.shape[4]} positions, decoding needs {start + T}")
@@ -629,12 +627,7 @@ class Decoder(nn.Module):
         rope = None if bias is not None else rope_cos_sin(q_pos if segment_ids is None else segment_positions(segment_ids),
                                                           self.cfg.head_dim, self.cfg.rope_theta)
         is_causal = False
-        if segment_ids is not None or flex:  # packed rows; or FlexAttention, a padded row being one segment
-            if segment_ids is None:
-                segment_ids = torch.ones(B, T, dtype=torch.long, device=dev)
-                enc_segment_ids = torch.ones(enc_unpadded.B if enc_unpadded is not None else enc.shape[0],
-                                             enc_unpadded.T if enc_unpadded is not None else enc.shape[1],
-                                             dtype=torch.long, device=dev) if enc_mask is None else enc_mask.long()
+        if segment_ids is not None:  # packed rows (or FlexAttention, to which a padded row is one segment)
             self_mask = stack_masks(segment_ids, segment_ids, True, bias, flex, mask_dtype(x))
             cross_mask = stack_masks(segment_ids, enc_segment_ids, False, None, flex, mask_dtype(x))
         else:  # one example per row: causal self-attention, a key padding mask (B, 1, 1, S) for cross-attention
@@ -736,8 +729,12 @@ class ROT5(nn.Module):
         # positions after a row's last label. torch.compile wants fixed shapes: it keeps the padded layout.
         skip_pad = not torch.compiler.is_compiling()
         enc_unpadded = Unpadded.of(attention_mask) if skip_pad and attention_mask is not None else None
+        enc_seg, dec_seg = segment_ids, decoder_segment_ids
+        if flex and not packed:  # FlexAttention takes its masks from segment ids: a padded row is one segment
+            enc_seg = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            dec_seg = torch.ones_like(decoder_input_ids)   # (causal: a row's trailing padding is never attended)
         enc = self.encoder(self.embed(input_ids if enc_unpadded is None else enc_unpadded.unpad(input_ids)),
-                           attention_mask, stats, enc_unpadded, segment_ids, flex)
+                           attention_mask, stats, enc_unpadded, enc_seg, flex)
         dec_unpadded = None
         if packed:  # decoder positions of the examples; the router statistics skip the rest
             dec_tokens = decoder_segment_ids > 0
@@ -752,7 +749,7 @@ class ROT5(nn.Module):
         if dec_unpadded is not None:
             decoder_input_ids, dec_tokens = dec_unpadded.unpad(decoder_input_ids), dec_unpadded.unpad(dec_tokens)
         h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_unpadded,
-                         enc_unpadded, decoder_segment_ids, segment_ids, flex)
+                         enc_unpadded, dec_seg, enc_seg, flex)
 
         loss = logits = None
         if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model

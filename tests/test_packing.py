@@ -238,3 +238,20 @@ def test_finetune_packs_pairs_with_the_same_loss(monkeypatch):
     a, b = model(**plain), model(**packed)
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)   # as in the UL2 test above
     assert torch.equal(packed["decoder_input_ids"], model.shift_right(packed["labels"], packed["decoder_segment_ids"]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flex_attention_on_one_example_per_row_equals_sdpa(docs_tok, variant, monkeypatch):
+    """Compiled on CUDA, FlexAttention also runs batches of one example per row (pack=False, evaluation): a
+    padded row is then one segment. Same logits as SDPA's padding masks at the real positions."""
+    docs, tok = docs_tok
+    plain, _ = pair(docs, tok, n=4)
+    torch.manual_seed(0)
+    model = ROT5(tiny(**VARIANTS[variant], vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                      eos_token_id=tok.eos_id)).eval()
+    with torch.no_grad():
+        sdpa = model(*plain[:3]).logits
+        monkeypatch.setattr(model_py, "FLEX_ATTENTION", True)
+        flex = model(*plain[:3]).logits
+    real = plain.labels != -100
+    torch.testing.assert_close(flex[real], sdpa[real], rtol=1e-5, atol=1e-5)
