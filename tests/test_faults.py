@@ -186,7 +186,7 @@ def test_full_disk_mid_run_then_a_torn_line_and_stale_temps_then_resume(tmp_path
 
 def test_full_disk_while_preparing_leaves_no_temp_file_and_says_how_to_rerun(tmp_path, disk):
     out = str(tmp_path / "data")
-    disk.fill(after=100_000)  # val.bin (~70 kB) fits, train.bin (~1.4 MB) does not
+    disk.fill(after=600_000)  # val.bin (~390 kB, 966 stories) fits, train.bin (~3 MB) does not
     with pytest.raises(diskio.WriteFailed) as e:
         prepare.prepare("sample", out, workers=1)
     message = one_line(e)
@@ -195,7 +195,7 @@ def test_full_disk_while_preparing_leaves_no_temp_file_and_says_how_to_rerun(tmp
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")] and "meta.json" not in os.listdir(out)
     disk.free()
     prepare.prepare("sample", out, workers=1)
-    assert len(prepare.load_documents(out, "train")) == 3365
+    assert len(prepare.load_documents(out, "train")) == 7204
 
 
 def test_full_disk_for_predictions_and_the_ablation_state(tmp_path, disk):

@@ -366,7 +366,7 @@ def test_continuation_batches_reconstruct_the_stories(tok):
     two = [list(ul2.continuation_batches(docs, tok, batch_size=8, n_docs=30, rank=r, world_size=2)) for r in range(2)]
     assert [len(one), len(two[0]), len(two[1])] == [4, 2, 2]
     for x, y in zip([two[0][0], two[1][0], two[0][1], two[1][1]], one):
-        assert all(torch.equal(p, q) for p, q in zip(x, y))
+        assert same(x, y)
     assert sum(len(b.input_ids) for b in one) == 30
     bad = [np.concatenate([docs[0], [tok.sentinel_ids[0]]])]
     with pytest.raises(ValueError, match="plain text ids"):
