@@ -30,7 +30,8 @@ step is its data position) makes the very updates of an uninterrupted one (a log
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
 With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_rows):
 rows of encoder_len / decoder_len whose number varies a little from one micro-batch to the next (under
---compile, torch.compile's automatic dynamic shapes recompile once for that); the loss is the same token-
+--compile, torch.compile's automatic dynamic shapes then compile with a symbolic row count: checked on the
+CPU, micro-batches of 9-11 rows, compiled loss == eager loss); the loss is the same token-
 weighted mean over the same examples, so pack=False (one example per row) trains the same model, slower.
 A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
 (README.md, "What survives what").
