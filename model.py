@@ -44,6 +44,7 @@ Details that matter for exactness:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -259,7 +260,7 @@ FLEX_ATTENTION: bool | None = None   # None: automatic, as above; True / False: 
 
 class FlexMask(NamedTuple):
     block_mask: BlockMask
-    score_mod: object | None     # (score, b, h, q, k) -> score + bias[h, q, k]; None without a bias
+    score_mod: Callable | None   # (score, b, h, q, k) -> score + bias[h, q, k]; None without a bias
 
 
 def segment_positions(segment_ids: Tensor) -> Tensor:
