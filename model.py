@@ -272,11 +272,18 @@ def segment_positions(segment_ids: Tensor) -> Tensor:
     return col - torch.where(starts, col, 0).cummax(1).values
 
 
+def same_segment(q_seg: Tensor, k_seg: Tensor) -> Tensor:
+    """The rule of every packed attention, on segment ids that broadcast (whole tensors for SDPA, one (query,
+    key) pair at a time in FlexAttention's mask_mod): a query attends the keys of its own segment. Padding
+    queries (segment 0) may attend anything: their outputs are never used, and a row with nothing to attend
+    to would make SDPA's softmax NaN."""
+    return (q_seg == k_seg) | (q_seg == 0)
+
+
 def segment_allowed(q_seg: Tensor, k_seg: Tensor, causal: bool) -> Tensor:
-    """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same segment, and not a
-    later key if causal). Padding queries (segment 0) may attend anything: their outputs are never used,
-    and a row with nothing to attend to would make SDPA's softmax NaN."""
-    allowed = (q_seg[:, :, None] == k_seg[:, None, :]) | (q_seg[:, :, None] == 0)
+    """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same_segment, and not a
+    later key if causal)."""
+    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :])
     if causal:
         allowed &= torch.ones(q_seg.shape[1], k_seg.shape[1], dtype=torch.bool, device=q_seg.device).tril()
     return allowed[:, None]
@@ -291,7 +298,7 @@ def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None,
         return allowed if bias is None else bias.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def mask_mod(b, h, q, k):
-        allowed = (q_seg[b, q] == k_seg[b, k]) | (q_seg[b, q] == 0)
+        allowed = same_segment(q_seg[b, q], k_seg[b, k])
         return allowed & (k <= q) if causal else allowed
 
     score_mod = None if bias is None else (lambda score, b, h, q, k: score + bias[0, h, q, k])
