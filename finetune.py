@@ -134,9 +134,9 @@ def main(argv: list[str]) -> dict:
         train_pairs, val_pairs = prepare.load_pairs(data_dir, "train"), prepare.load_pairs(data_dir, "val")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    # the same kind of tokenizer with the same model file (T5's spiece.model may come from the hub or a directory)
-    kind = meta["tokenizer"].split(":")[0], tok.name.split(":")[0]
-    if kind[0] != kind[1] or meta["tokenizer_sha256"] != prepare.tokenizer_sha256(tok):
+    # the same kind of tokenizer (T5's spiece.model may come from the hub or a directory); check_tokenizer then
+    # pins the model file (sha256) and the special ids
+    if meta["tokenizer"].split(":")[0] != tok.name.split(":")[0]:
         raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} but {cfg['init_from']} uses {tok.name!r}: "
                          f"run `python prepare.py {meta['dataset']} --tokenizer {tok.name} --out-dir DIR` into another "
                          "directory and pass its name as --dataset")

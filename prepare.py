@@ -298,9 +298,12 @@ def check_tokenizer(data_dir: str, tok: Tokenizer) -> None:
     """tok must be the tokenizer that made data_dir: the same model file (sha256) and the same special ids, or
     the ids on disk mean other words (or nothing): one line naming what differs."""
     meta = load_meta(data_dir)
-    here = {"tokenizer": tok.name, "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": tok.vocab_size,
+    # the kind of tokenizer, not its full name: a T5 name holds where its spiece.model came from (hub id or
+    # directory); the model file itself is pinned by its sha256
+    here = {"tokenizer": tok.name.split(":")[0], "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": tok.vocab_size,
             "base_vocab_size": tok.base_vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]]}
+    meta = {**meta, "tokenizer": str(meta.get("tokenizer", "")).split(":")[0]}
     wrong = [k for k, v in here.items() if meta.get(k) != v]
     if wrong:
         k, also = wrong[0], f"; also {', '.join(wrong[1:])}" if wrong[1:] else ""
