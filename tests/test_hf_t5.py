@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -326,3 +327,15 @@ def test_tokenizer_mismatch_is_one_line(flan_run, hf_t5_dirs, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:
         train.main(["--dataset=sample_instruct_t5", "--out_dir=pre_t5", "--device=cpu"])
     assert "has no UL2 mode tokens" in one_line(e)
+
+
+def test_the_same_t5_tokenizer_from_another_path_is_accepted(flan_run, hf_t5_dirs, tmp_path, monkeypatch):
+    """A T5 tokenizer's name says where its spiece.model came from; the data check pins the file itself
+    (sha256), so a copy of the model directory fine-tunes on pairs tokenized from the original."""
+    copy = tmp_path / "same_model_elsewhere"
+    shutil.copytree(hf_t5_dirs["gated-gelu"], copy)
+    monkeypatch.chdir(flan_run["dir"])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        final = finetune.main([FT_CONFIG, f"--init_from={copy}", f"--out_dir={tmp_path / 'ft'}",
+                               "--dataset=sample_instruct_t5", "--encoder_len=256"])
+    assert final["step"] == flan_run["final"]["step"]
