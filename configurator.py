@@ -20,7 +20,7 @@ def configure(defaults: dict, argv: list[str]) -> dict:
     """defaults (key -> value) updated by the config files and --key=value overrides in argv; returns a new dict."""
     config = dict(defaults)
     for arg in (a for a in argv if not a.startswith("--")):
-        for key, value in _read_config_file(arg).items():
+        for key, value in read_config_file(arg).items():
             _check_key(key, defaults, arg)
             config[key] = _checked(key, value, defaults[key], arg)
     for arg in (a for a in argv if a.startswith("--")):
@@ -42,7 +42,7 @@ def check_ranges(config: dict, positive: tuple[str, ...] = (), non_negative: tup
                 raise SystemExit(f"--{key}={config[key]!r} must be {rule}")
 
 
-def _read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> dict:
     """The names a config file assigns. Leading-underscore names, imports and functions are its own helpers."""
     if not os.path.isfile(path):
         raise SystemExit(f"config file {path} does not exist: pass a file like config/rot5_mini.py, or --key=value overrides")
