@@ -581,7 +581,7 @@ def results_table(pre: dict, post: dict, labels: dict, scale: str, seeds: list[i
         lines += ["", f"Summarization fine-tuning: ROUGE-L F x 100 on {n_eval} validation pair(s), mean +- standard "
                   "deviation over seeds", "",
                   "| fine-tuned from | steps | val loss | ROUGE-L | vs baseline: ROUGE-L | 95% interval | significant | "
-                  "lead-1 ROUGE-L | seed ROUGE-L | wall per seed |",
+                  "lead-1 ROUGE-L | write-up ROUGE-L | wall per seed |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in post.items():
             seed = f"{SEED_ROUGE_L[name]:.2f}" if name in SEED_ROUGE_L and (name not in pre or is_preset(variants, name)) \
@@ -591,6 +591,9 @@ def results_table(pre: dict, post: dict, labels: dict, scale: str, seeds: list[i
             lines.append(f"| {labels[name]} | {r['steps']} | {spread(r['val_loss'])} | **{spread(r['rougeL'], '.2f')}** | "
                          + " | ".join(vs) + f" | {r['lead1_rougeL']:.2f} | {seed} | "
                          + (f"{statistics.fmean(walls) / 60:.1f} min |" if walls else "- |"))
+    walls = {s: sum(r["seeds"][s]["wall_s"] or 0.0 for r in (*pre.values(), *post.values())) for s in seeds}
+    lines += ["", "Wall time of each seed's study (its pre-training and fine-tuning runs, as ablation.json records them): "
+              + ", ".join(f"seed {s} {w / 60:.1f} min" for s, w in walls.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
