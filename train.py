@@ -65,6 +65,12 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
+# CPU: back tensors of 2 MB and more with transparent huge pages. The (tokens x 32k) logits and their
+# gradients are allocated and freed every step, and with 4 KB pages the kernel faulted them in again each
+# time: with it, 13x fewer page faults and half the system time of a quick-start step on a 2-core EPYC
+# (BENCHMARKS.md). PyTorch reads this once, at its first allocation, hence before `import torch`.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -238,7 +244,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=model_cfg.n_experts > 0) if ddp else model
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), eps=ADAM_EPS, fused=device.type == "cuda")
+                                  betas=(cfg.beta1, cfg.beta2), eps=ADAM_EPS, fused=True)  # one kernel, CPU or GPU
     peak = cfg.peak_flops or device_peak_flops(device)
 
     # -- resume -----------------------------------------------------------------------------------------
