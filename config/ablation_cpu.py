@@ -2,8 +2,9 @@
 # (config/t5_base.py ... rot5_base_moe_losses.py), it shrinks the model and the data so that all five
 # variants pre-train on the bundled sample (python prepare.py sample: 7,204 real TinyStories) on a CPU, three
 # seeds each. Budget: one seed of the whole study (5 pre-trainings of 226 steps, each ending with the full
-# validation split, and 2 fine-tunings) took MEASURED_SEED on a quiet 2-core AMD EPYC
-# (OMP_NUM_THREADS=2): ~9 minutes a variant, the 32,256-word output layer much of it.
+# validation split, and 2 fine-tunings) took 45.5 minutes on a 2-core AMD EPYC (OMP_NUM_THREADS=2, quiet but
+# for ~1.5 minutes lost to other jobs), ~9 minutes a variant, the 32,256-word output layer much of it; that
+# was before train.py's huge pages and fused AdamW, which make a step faster (BENCHMARKS.md).
 # ablation.py adds what differs per variant at this size: GQA keeps 2 of the 4 K/V heads (the presets'
 # 3 query heads per K/V head does not divide 4 heads), MoE uses 4 experts (not 8).
 # Every variant sees the same documents, in the same order, with the same corruption (matched compute).
