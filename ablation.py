@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:  # seed by seed: the first seed's whole study is done before the second starts
         for i, v in enumerate(variants, 1):
             argv, config = runs[seed, v.name]
-            run_once(run_dir(args.out, seed, v.name), config, train.main, argv,
+            run_once(variant_dir(args.out, seed, v.name), config, train.main, argv,
                      what=f"seed {seed}: pre-training {v.name} ({i}/{len(variants)}): python train.py")
 
     baseline = variants[0].name
-    rows = {v.name: {seed: pretrain_row(v, run_dir(args.out, seed, v.name), runs[seed, v.name][1]) for seed in seeds}
+    rows = {v.name: {seed: pretrain_row(v, variant_dir(args.out, seed, v.name), runs[seed, v.name][1]) for seed in seeds}
             for v in variants}
     pre = {v.name: aggregate(rows[v.name], PRETRAIN_METRICS, rows[baseline]) for v in variants}
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         post_runs[name] = {}
         for seed in seeds:
             ft_argv, config = finetune_args(name, args.scale, args.out, runs[seed, name][1], seed)
-            post_runs[name][seed] = run_dir(args.out, seed, f"{name}_summary")
+            post_runs[name][seed] = variant_dir(args.out, seed, f"{name}_summary")
             run_once(post_runs[name][seed], config, finetune.main, ft_argv,
                      what=f"seed {seed}: fine-tuning {name}: python finetune.py")
     if args.flan:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         labels[name] = FLAN_LABEL if name == "flan_t5" else f"HF T5 {args.flan}"
         post_runs[name] = {}
         for seed in seeds:
-            post_runs[name][seed] = run_dir(args.out, seed, f"{name}_summary")
+            post_runs[name][seed] = variant_dir(args.out, seed, f"{name}_summary")
             ft_argv = [finetune_preset(args.scale), f"--init_from={args.flan}", f"--dataset={flan_dataset}",
                        f"--seed={seed}", f"--out_dir={post_runs[name][seed]}"]
             run_once(post_runs[name][seed], configure(finetune.DEFAULTS, ft_argv), finetune.main, ft_argv,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     return {"pretrain": pre, "finetune": post}
 
 
-def run_dir(out: str, seed: int, name: str) -> str:
+def variant_dir(out: str, seed: int, name: str) -> str:
     return os.path.join(out, f"seed{seed}", name)
 
 
@@ -332,7 +332,7 @@ def pretrain_args(v: Variant, args: argparse.Namespace, overrides: list[str], se
         config = resolve_pretrain(argv)
         n_docs = train_documents(config["dataset"])
         argv += [f"--epochs={(args.steps * config['batch_size'] - 0.5) / n_docs!r}", "--max_tokens=0"]
-    argv += [f"--seed={seed}", f"--out_dir={run_dir(args.out, seed, v.name)}"]
+    argv += [f"--seed={seed}", f"--out_dir={variant_dir(args.out, seed, v.name)}"]
     return argv, resolve_pretrain(argv)
 
 
@@ -356,9 +356,9 @@ def finetune_preset(scale: str) -> str:
 def finetune_args(name: str, scale: str, out: str, pre_config: dict, seed: int) -> tuple[list[str], dict]:
     """finetune.py argv: the scale's preset, this variant's checkpoint of this seed, pre-training's encoder_len
     so the model reads no position it was not pre-trained on, and the seed (the pairs' order, dropout)."""
-    argv = [finetune_preset(scale), f"--init_from={os.path.join(run_dir(out, seed, name), 'ckpt.pt')}",
+    argv = [finetune_preset(scale), f"--init_from={os.path.join(variant_dir(out, seed, name), 'ckpt.pt')}",
             f"--encoder_len={pre_config['encoder_len']}", f"--seed={seed}",
-            f"--out_dir={run_dir(out, seed, f'{name}_summary')}"]
+            f"--out_dir={variant_dir(out, seed, f'{name}_summary')}"]
     return argv, configure(finetune.DEFAULTS, argv)
 
 

@@ -245,6 +245,12 @@ def _ranks(counts: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+def _round_up_8(n: int) -> int:
+    """Row lengths of a batch without fixed shapes: the longest row rounded up to a multiple of 8, so that
+    batches reuse a few shapes (and matmul dimensions stay friendly to vector units and tensor cores)."""
+    return -(-n // 8) * 8
+
+
 class Batch(NamedTuple):
     """The arguments of ROT5.forward, in its order: model(*batch). Packed rows hold several examples each."""
     input_ids: torch.Tensor           # (B, T_enc) int64: [mode] + body + [eos] per example, pad after
@@ -416,8 +422,8 @@ class UL2Batches:
 
         T_in, T_out = self.encoder_len, self.decoder_len
         if not self.static_shapes:   # pad to the batch's longest row, rounded up to a multiple of 8
-            T_in = min(T_in, -(-(int(in_len.max()) + 2) // 8) * 8)
-            T_out = min(T_out, -(-(int(tgt_len.max()) + 1) // 8) * 8)
+            T_in = min(T_in, _round_up_8(int(in_len.max()) + 2))
+            T_out = min(T_out, _round_up_8(int(tgt_len.max()) + 1))
         rows = np.arange(B)
         input_ids = np.full((B, T_in), tok.pad_id, np.int64)
         col = np.arange(T_in)
@@ -461,8 +467,8 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
     R = int(row.max()) + 1
     T_in, T_out = encoder_len, decoder_len
     if not static_shapes:
-        T_in = min(T_in, -(-int((enc_at + input_lens).max()) // 8) * 8)
-        T_out = min(T_out, -(-int((dec_at + target_lens).max()) // 8) * 8)
+        T_in = min(T_in, _round_up_8(int((enc_at + input_lens).max())))
+        T_out = min(T_out, _round_up_8(int((dec_at + target_lens).max())))
     at_in = np.repeat(row * T_in + enc_at, input_lens) + _ranks(input_lens)       # (N_in,) flat destinations
     at_out = np.repeat(row * T_out + dec_at, target_lens) + _ranks(target_lens)   # (N_out,)
     input_ids, segment_ids = np.full(R * T_in, pad_id, np.int64), np.zeros(R * T_in, np.int64)
