@@ -62,10 +62,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-# CPU: back tensors of 2 MB and more with transparent huge pages. The (tokens x 32k) logits and their
-# gradients are allocated and freed every step, and with 4 KB pages the kernel faulted them in again each
-# time: with it, 13x fewer page faults and half the system time of a quick-start step on a 2-core EPYC
-# (BENCHMARKS.md). PyTorch reads this once, at its first allocation, hence before `import torch`.
+# CPU: transparent huge pages for tensors of 2 MB and more, set before `import torch` (why: train.py)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
