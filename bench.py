@@ -16,9 +16,10 @@ from other processes slows both alike and the ratio stays meaningful on a busy m
        Chinchilla pre-training, Switch MoE step time vs dense at equal active parameters, peak memory
     g  the data checks every train.py / finetune.py start makes (prepare.load_documents: sizes, index, ids in
        range, sha256) on a shard the size of TinyStories-Instruct's train split (real tokens, tiled), one core
-    h  packed rows (ul2.pack_rows): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
-       compiled) one example per row vs packed, and the real tokens/s of a rot5_mini training step on the same
-       documents in both layouts (with --compile: compiled, and eager packed vs eager padding-skip)
+    h  packed rows (ul2.pack_examples): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
+       compiled) one example per row vs packed (and of the keys packed cross-attention gathers), and the real
+       tokens/s of a rot5_mini training step on the same documents in both layouts (with --compile: compiled,
+       and eager packed vs eager padding-skip)
 
 Usage:
     python bench.py                          # a-e, g, h on the CPU, fp32, all cores (the table in BENCHMARKS.md)
@@ -463,11 +464,11 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
     config_batch = read_config("rot5_mini.py")["micro_batch_size"]
     B = 2 if args.quick else config_batch if device.type == "cuda" else setup.train_batch
     batch = ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, B,
-                           static_shapes=args.compile).batch(0)
+                           static_shapes=args.compile, pack=True).batch(0)   # packed, as train.py
     enc_tok, dec_tok = batch_tokens(batch)
     peak = peak_flops(args, device)
-    notes.append(f"[f] one UL2 batch of {B} stories{' (micro_batch_size of rot5_mini.py)' if B == config_batch else ''}: "
-                 f"encoder {tuple(batch.input_ids.shape)}, "
+    notes.append(f"[f] one UL2 batch of {B} stories{' (micro_batch_size of rot5_mini.py)' if B == config_batch else ''}, "
+                 f"packed as train.py packs it: encoder {tuple(batch.input_ids.shape)}, "
                  f"decoder {tuple(batch.labels.shape)}; MFU = model.train_flops (real tokens) / step time / "
                  + (f"{peak / 1e12:g} TFLOP/s peak" if peak else "peak (unknown here: pass --peak-tflops)")
                  + f"; projected time = {SEED_PRETRAIN_TOKENS:,} tokens / tok/s on one device")
@@ -516,15 +517,17 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
                                     pack=pack) for pack in (False, True)}
     rows, n = [], 4 if args.quick else 20
     for pack, batches in layouts.items():
-        enc = dec = enc_pos = dec_pos = 0
+        enc = dec = enc_pos = dec_pos = keys = 0
         for g in range(n):
             b = batches.batch(g)
             enc, dec = enc + int(b.attention_mask.sum()), dec + int((b.labels != -100).sum())
             enc_pos, dec_pos = enc_pos + b.input_ids.numel(), dec_pos + b.labels.numel()
+            keys += b.input_ids.numel() if b.cross_index is None else b.cross_index.numel()
         rows.append(report(Row("h", f"real tokens, {'packed' if pack else 'one example per row'}",
                                f"{n} UL2 batches of {B} stories, rows {setup.encoder_len} / {setup.decoder_len}",
                                f"{enc / enc_pos:.1%} enc, {dec / dec_pos:.1%} dec, "
-                               f"{(enc + dec) / (enc_pos + dec_pos):.1%} all", "", None, None)))
+                               f"{(enc + dec) / (enc_pos + dec_pos):.1%} all; cross keys {enc / keys:.1%}",
+                               "", None, None)))
     # a training step: section a's batch size on a CPU (memory), the config's micro batch on a GPU
     B = 2 if args.quick else read_config("rot5_mini.py")["micro_batch_size"] if device.type == "cuda" \
         else setup.train_batch
@@ -537,8 +540,9 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
            for pack in (False, True) for how, compile in ((("compiled", True),) if args.compile else ()) + (("eager", False),)}
     notes.append(f"[h] rows: one example per row {tuple(batches[False].input_ids.shape)} / "
                  f"{tuple(batches[False].labels.shape)}, packed {tuple(batches[True].input_ids.shape)} / "
-                 f"{tuple(batches[True].labels.shape)}, {real} real tokens; eager skips padding in everything "
-                 "but attention, compiled (padded) does not")
+                 f"{tuple(batches[True].labels.shape)} reading {tuple(batches[True].cross_index.shape)} gathered "
+                 f"cross-attention keys, {real} real tokens; eager skips padding in everything but attention, "
+                 "compiled (padded) does not")
     times = median_times(fns, setup.warmup, setup.iters, device)
     for how in ("compiled", "eager") if args.compile else ("eager",):
         ref = "padding-skip" if how == "eager" else "padded"

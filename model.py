@@ -242,11 +242,15 @@ def mask_dtype(x: Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------------------
 # Packed rows. T5 never trains on padding: seqio's trim_and_pack puts several (inputs, targets) examples in
-# one row, example k of a row being segment k on both sides (ul2.py builds them). Then every attention keeps
-# to its segment -- encoder self: same segment; decoder self: same segment and causal; cross: decoder segment
-# k reads encoder segment k only -- and positions restart at 0 in every segment. Within one segment, row
-# offsets differ by the same i - j as positions do, so T5's relative bias is the unpacked (1, H, T, T) table
-# as it is; RoPE rotates with the per-segment positions (cross-attention compares two different rows' offsets).
+# one row. ROT5 packs the encoder rows and the decoder rows apart (UL2's inputs are ~1.6x its targets, and
+# rows that held the same examples on both sides would fill one side to 1.6 / 2 of the other at 512 / 256),
+# so an example is segment k of the micro-batch on both sides, in whichever rows it landed (ul2.py builds
+# them). Every attention keeps to its segment -- encoder self: same segment; decoder self: same segment and
+# causal; cross: decoder segment k reads encoder segment k only -- and positions restart at 0 in every
+# segment. Cross-attention first gathers, for each decoder row, the encoder positions its examples read
+# (cross_index): K/V rows of their own. Within one segment, row offsets differ by the same i - j as
+# positions do, so T5's relative bias is the unpacked (1, H, T, T) table as it is; RoPE rotates with the
+# per-segment positions (cross-attention compares decoder and encoder positions, in their own segments).
 # The masks are built once per forward per stack, in one of two forms:
 #   SDPA: a dense (B, 1, Tq, Tk) mask (bool, or the bias with -inf-like entries): eager runs, CPU, dropout;
 #   FlexAttention (Dong et al. 2024): a BlockMask from the segment ids, so blocks of other segments are
@@ -272,38 +276,47 @@ def segment_positions(segment_ids: Tensor) -> Tensor:
     return col - torch.where(starts, col, 0).cummax(1).values
 
 
-def same_segment(q_seg: Tensor, k_seg: Tensor) -> Tensor:
-    """The rule of every packed attention, on segment ids that broadcast (whole tensors for SDPA, one (query,
-    key) pair at a time in FlexAttention's mask_mod): a query attends the keys of its own segment. Padding
-    queries (segment 0) may attend anything: their outputs are never used, and a row with nothing to attend
-    to would make SDPA's softmax NaN."""
-    return (q_seg == k_seg) | (q_seg == 0)
+def same_segment(q_seg: Tensor, k_seg: Tensor, k: Tensor) -> Tensor:
+    """The rule of every packed attention, on segment ids and key positions k that broadcast (whole tensors
+    for SDPA, one (query, key) pair at a time in FlexAttention's mask_mod): a query attends the keys of its
+    own segment. A padding query (segment 0) attends key 0 alone: its output is never used, a softmax over
+    no key would be NaN in SDPA, and more keys would make FlexAttention compute every key block for the
+    query blocks that end the rows."""
+    return torch.where(q_seg > 0, q_seg == k_seg, k == 0)
+
+
+def read_segments(seg: Tensor, index: Tensor) -> Tensor:
+    """The segment ids at the flat positions `index` of seg (B, S), 0 where index is -1 (cross_index: what a
+    packed decoder row reads). On whole tensors, and on one index at a time in FlexAttention's mask_mod."""
+    return torch.where(index >= 0, seg.flatten()[index.clamp(min=0)], 0)
 
 
 def segment_allowed(q_seg: Tensor, k_seg: Tensor, causal: bool) -> Tensor:
     """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same_segment, and not a
     later key if causal)."""
-    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :])
+    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :], torch.arange(k_seg.shape[1], device=k_seg.device))
     if causal:
         allowed &= torch.ones(q_seg.shape[1], k_seg.shape[1], dtype=torch.bool, device=q_seg.device).tril()
     return allowed[:, None]
 
 
 def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None, flex: bool,
-                dtype: torch.dtype) -> Tensor | FlexMask:
+                dtype: torch.dtype, k_index: Tensor | None = None) -> Tensor | FlexMask:
     """The attention mask of one stack's layers for packed rows (or any rows, as FlexAttention): SDPA's dense
-    mask, the bias (1, H, Tq, Tk) added when given; or FlexAttention's block mask and score_mod."""
+    mask, the bias (1, H, Tq, Tk) added when given; or FlexAttention's block mask and score_mod. k_index
+    (B, Tk): the keys are the positions k_index of k_seg (read_segments; cross-attention of packed rows).
+    FlexAttention's mask_mod reads through it: inductor's CPU kernel takes only stored id tensors."""
     if not flex:
-        allowed = segment_allowed(q_seg, k_seg, causal)
+        allowed = segment_allowed(q_seg, k_seg if k_index is None else read_segments(k_seg, k_index), causal)
         return allowed if bias is None else bias.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def mask_mod(b, h, q, k):
-        allowed = same_segment(q_seg[b, q], k_seg[b, k])
+        allowed = same_segment(q_seg[b, q], k_seg[b, k] if k_index is None else read_segments(k_seg, k_index[b, k]), k)
         return allowed & (k <= q) if causal else allowed
 
     score_mod = None if bias is None else (lambda score, b, h, q, k: score + bias[0, h, q, k])
-    block_mask = create_block_mask(mask_mod, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
-                                   device=q_seg.device)
+    Tk = k_seg.shape[1] if k_index is None else k_index.shape[1]
+    block_mask = create_block_mask(mask_mod, q_seg.shape[0], None, q_seg.shape[1], Tk, device=q_seg.device)
     return FlexMask(block_mask, score_mod)
 
 
@@ -400,11 +413,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, unpadded: Unpadded | None = None) -> Tensor:
+    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, unpadded: Unpadded | None = None,
+                   cross_index: Tensor | None = None) -> Tensor:
         """enc: (B, S, d_model), or (N, d_model) real tokens with `unpadded` -> (2, B, Hkv, S, Dh), keys rotated
-        with encoder positions."""
+        with encoder positions. Packed rows: cross_index (B_dec, X) picks each decoder row's encoder positions
+        -> (2, B_dec, Hkv, X, Dh) (projected once per encoder token, then gathered: X counts padding)."""
         kv = self.kv(enc)
         kv = kv if unpadded is None else unpadded.pad(kv)
+        if cross_index is not None:  # (B, S, C) -> (B_dec, X, C); -1 reads position 0, which the mask hides
+            kv = kv.flatten(0, 1)[cross_index.clamp(min=0)]
         B, S, _ = kv.shape
         k, v = kv.view(B, S, 2, self.cfg.n_kv_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
@@ -606,10 +623,15 @@ class Decoder(nn.Module):
                                     for i in range(cfg.n_decoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
-    def encoder_rope(self, S: int, device: torch.device, segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    def encoder_rope(self, S: int, device: torch.device, segment_ids: Tensor | None = None,
+                     cross_index: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Rotations of the cross-attention keys: encoder positions (per segment in packed rows, gathered like
+        the keys with cross_index)."""
         if self.relative_bias is not None:
             return None
         pos = torch.arange(S, device=device) if segment_ids is None else segment_positions(segment_ids)
+        if cross_index is not None:
+            pos = pos.flatten()[cross_index.clamp(min=0)]
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
 
     def cross_kv(self, enc: Tensor) -> Tensor:
@@ -620,12 +642,13 @@ class Decoder(nn.Module):
     def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, token_mask: Tensor | None,
                 stats: list[MoEStats], cache: KVCache | None = None, unpadded: Unpadded | None = None,
                 enc_unpadded: Unpadded | None = None, segment_ids: Tensor | None = None,
-                enc_segment_ids: Tensor | None = None, flex: bool = False) -> Tensor:
+                enc_segment_ids: Tensor | None = None, cross_index: Tensor | None = None, flex: bool = False) -> Tensor:
         """x: (B, T, d) embedded decoder input at positions cache.length + [0, T) (0 without a cache), or its
         (N, d) real tokens with `unpadded` (output alike); enc: (B, S, d) encoder output, or (N_enc, d) with
         `enc_unpadded` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
-        shape without d, False at tokens the router statistics skip, or None; segment_ids (B, T) and
-        enc_segment_ids (B, S): packed rows (training and scoring only, never with a cache)."""
+        shape without d, False at tokens the router statistics skip, or None; segment_ids (B, T),
+        enc_segment_ids (B_enc, S) and cross_index (B, X) or None (then B_enc = B: row b reads encoder row b):
+        packed rows (training and scoring only, never with a cache)."""
         T, dev = (x.shape[1] if unpadded is None else unpadded.T), x.device
         start = 0 if cache is None else cache.length
         if cache is not None and start + T > cache.self_kv.shape[4]:
@@ -637,7 +660,7 @@ class Decoder(nn.Module):
         is_causal = False
         if segment_ids is not None:  # packed rows (or FlexAttention, to which a padded row is one segment)
             self_mask = stack_masks(segment_ids, segment_ids, True, bias, flex, mask_dtype(x))
-            cross_mask = stack_masks(segment_ids, enc_segment_ids, False, None, flex, mask_dtype(x))
+            cross_mask = stack_masks(segment_ids, enc_segment_ids, False, None, flex, mask_dtype(x), cross_index)
         else:  # one example per row: causal self-attention, a key padding mask (B, 1, 1, S) for cross-attention
             future = k_pos[None, :] > q_pos[:, None]                                 # (T, start + T)
             if bias is not None:
@@ -648,10 +671,11 @@ class Decoder(nn.Module):
                 self_mask = None if is_causal or T == 1 else ~future
             cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
         enc_rope = None if cache is not None else self.encoder_rope(  # cached K/V are rotated already
-            enc.shape[1] if enc_unpadded is None else enc_unpadded.T, dev, enc_segment_ids)
+            enc.shape[1] if enc_unpadded is None else enc_unpadded.T, dev, enc_segment_ids, cross_index)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
-            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_unpadded) if cache is None else cache.cross_kv[i]
+            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_unpadded, cross_index) if cache is None \
+                else cache.cross_kv[i]
             x = layer(x, self_mask, is_causal, rope, None if cache is None else cache.self_kv[i], start,
                       kv, cross_mask, token_mask, stats, unpadded)
         if cache is not None:
@@ -703,17 +727,22 @@ class ROT5(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
-                segment_ids: Tensor | None = None, decoder_segment_ids: Tensor | None = None) -> ROT5Output:
+                segment_ids: Tensor | None = None, decoder_segment_ids: Tensor | None = None,
+                cross_index: Tensor | None = None) -> ROT5Output:
         """input_ids: (B, S); attention_mask: (B, S), 1/True at real tokens; decoder_input_ids: (B, T),
         default labels shifted right after the start token (pad); labels: (B, T), -100 = ignore.
         With labels, only positions with a label reach the lm_head and `logits` is None.
-        Packed rows (several examples per row, ul2.py): segment_ids (B, S) and decoder_segment_ids (B, T),
-        0 at padding and k at the tokens of the row's k-th example on both sides; attention_mask, if given,
-        must be segment_ids > 0, and the default decoder inputs restart with the start token in every segment."""
+        Packed rows (several examples per row, ul2.py): segment_ids (B, S) and decoder_segment_ids (B_dec, T),
+        0 at padding and k at the tokens of example k on both sides; attention_mask, if given, must be
+        segment_ids > 0, and the default decoder inputs restart with the start token in every segment. Decoder
+        row b reads encoder row b, or, with cross_index (B_dec, X), the flat encoder positions
+        cross_index[b] = b' * S + s (-1: none; ul2.pack_examples lists each row's examples' inputs)."""
         packed = segment_ids is not None or decoder_segment_ids is not None
         if packed:
             attention_mask = self._check_segments(input_ids, attention_mask, segment_ids, decoder_segment_ids,
-                                                  decoder_input_ids if labels is None else labels)
+                                                  decoder_input_ids if labels is None else labels, cross_index)
+        elif cross_index is not None:
+            raise ValueError("cross_index is for packed rows: pass segment_ids and decoder_segment_ids with it")
         attention_mask = self._check_inputs(input_ids, attention_mask)
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
@@ -727,7 +756,7 @@ class ROT5(nn.Module):
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
                              "must have the same shape")
-        if decoder_input_ids.shape[0] != input_ids.shape[0]:  # (cross-attention would read it as beams)
+        if cross_index is None and decoder_input_ids.shape[0] != input_ids.shape[0]:  # (it would read as beams)
             raise ValueError(f"decoder batch {decoder_input_ids.shape[0]} != encoder batch {input_ids.shape[0]}: "
                              "pass one decoder row per input row")
 
@@ -757,7 +786,7 @@ class ROT5(nn.Module):
         if dec_unpadded is not None:
             decoder_input_ids, dec_tokens = dec_unpadded.unpad(decoder_input_ids), dec_unpadded.unpad(dec_tokens)
         h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_unpadded,
-                         enc_unpadded, dec_seg, enc_seg, flex)
+                         enc_unpadded, dec_seg, enc_seg, cross_index, flex)
 
         loss = logits = None
         if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model
@@ -827,9 +856,11 @@ class ROT5(nn.Module):
                              f"{' (or -100 = ignore)' if allow_ignore else ''}: tokenizer and model config disagree")
 
     def _check_segments(self, input_ids: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
-                        decoder_segment_ids: Tensor | None, decoder_ids: Tensor | None) -> Tensor:
-        """Packed rows: both segment id tensors, non-negative ints shaped like their ids, and every decoder segment
-        has the encoder segment of its id in its row (else its cross-attention would have nothing to read).
+                        decoder_segment_ids: Tensor | None, decoder_ids: Tensor | None,
+                        cross_index: Tensor | None) -> Tensor:
+        """Packed rows: both segment id tensors, non-negative ints shaped like their ids, cross_index (if given)
+        one row per decoder row of encoder positions or -1, and every decoder segment finds the encoder segment
+        of its id where its row reads (else its cross-attention would have nothing to read).
         Returns the attention mask they imply."""
         if segment_ids is None or decoder_segment_ids is None:
             raise ValueError("packed rows need both segment_ids and decoder_segment_ids (ul2.UL2Batches(pack=True) "
@@ -844,13 +875,25 @@ class ROT5(nn.Module):
         implied = segment_ids > 0
         if attention_mask is not None and not torch.equal(attention_mask.bool(), implied):
             raise ValueError("attention_mask must be segment_ids > 0 for packed rows (or leave it out)")
-        n = int(torch.maximum(segment_ids.max(), decoder_segment_ids.max())) + 1
-        present = torch.zeros(len(segment_ids), n, dtype=torch.bool, device=segment_ids.device)
-        present.scatter_(1, segment_ids.long(), True)
+        read = segment_ids                                   # the encoder segment ids each decoder row reads
+        if cross_index is not None:
+            if (not isinstance(cross_index, Tensor) or cross_index.dtype not in (torch.int64, torch.int32)
+                    or cross_index.dim() != 2 or len(cross_index) != len(decoder_segment_ids)):
+                raise ValueError("cross_index must be an int tensor with one row per decoder row "
+                                 f"({len(decoder_segment_ids)})")
+            if ((cross_index < -1) | (cross_index >= segment_ids.numel())).any():
+                raise ValueError(f"cross_index must hold encoder positions in [0, {segment_ids.numel()}) or -1")
+            read = read_segments(segment_ids, cross_index)
+        elif len(segment_ids) != len(decoder_segment_ids):
+            raise ValueError(f"{len(decoder_segment_ids)} decoder rows read {len(segment_ids)} encoder rows: "
+                             "pass cross_index (ul2.pack_examples makes it) or one decoder row per encoder row")
+        n = int(torch.maximum(read.max(), decoder_segment_ids.max())) + 1
+        present = torch.zeros(len(read), n, dtype=torch.bool, device=read.device)
+        present.scatter_(1, read.long(), True)
         present[:, 0] = True   # decoder padding
         if not present.gather(1, decoder_segment_ids.long()).all():
-            raise ValueError("a decoder segment has no encoder segment with its id in its row: example k of a row "
-                             "must be segment k on both sides")
+            raise ValueError("a decoder segment has no encoder segment with its id where its row reads: example k "
+                             "must be segment k on both sides, and cross_index must list its encoder positions")
         return implied
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:

@@ -28,11 +28,11 @@ and dropout masks too (torch is seeded per micro-batch). So 1 process x 4 accumu
 processes x 1 step see the same examples and make the same update, and a resumed run (the checkpoint's
 step is its data position) makes the very updates of an uninterrupted one (a log interval that straddles
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
-With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_rows):
-rows of encoder_len / decoder_len whose number varies a little from one micro-batch to the next (under
---compile, torch.compile's automatic dynamic shapes then compile with a symbolic row count: checked on the
-CPU, micro-batches of 9-11 rows, compiled loss == eager loss); the loss is the same token-
-weighted mean over the same examples, so pack=False (one example per row) trains the same model, slower.
+With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_examples):
+encoder rows of encoder_len and decoder rows of decoder_len, each side packed apart, in numbers that vary a
+little from one micro-batch to the next (under --compile, torch.compile's automatic dynamic shapes then
+compile with symbolic row counts); the loss is the same token-weighted mean over the same examples, so
+pack=False (one example per row) trains the same model, slower.
 A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
 (README.md, "What survives what").
 
@@ -98,7 +98,7 @@ dataset = "tinystories"   # data/<dataset>/ from prepare.py
 mixture = "ul2"           # ul2.mixture(): "ul2" | "t5" | "prefix_lm"
 encoder_len = 512         # longest input (T5's 512); longer documents are cropped to fit (ul2.py)
 decoder_len = 256         # longest target
-pack = True               # several examples per row, no compute on padding (T5's packing; ul2.pack_rows)
+pack = True               # several examples per row, no compute on padding (T5's packing; ul2.pack_examples)
 # budget: max_tokens > 0 wins over epochs
 epochs = 1.0              # passes over the training documents (fractional is fine)
 max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use epochs)

@@ -252,13 +252,16 @@ def _round_up_8(n: int) -> int:
 
 
 class Batch(NamedTuple):
-    """The arguments of ROT5.forward, in its order: model(*batch). Packed rows hold several examples each."""
+    """The arguments of ROT5.forward, in its order: model(*batch). Packed rows hold several examples each, and
+    then the encoder's B and the decoder's B differ (pack_examples)."""
     input_ids: torch.Tensor           # (B, T_enc) int64: [mode] + body + [eos] per example, pad after
     attention_mask: torch.Tensor      # (B, T_enc) int64: 1 on tokens, 0 on pad
     decoder_input_ids: torch.Tensor   # (B, T_dec) int64: per example pad (= start token) + its labels[:-1]; pad after
     labels: torch.Tensor              # (B, T_dec) int64: targets + [eos] per example, -100 after
-    segment_ids: torch.Tensor | None = None          # packed: (B, T_enc) int64, k on the row's k-th example, 0 on pad
-    decoder_segment_ids: torch.Tensor | None = None  # packed: (B, T_dec) likewise
+    segment_ids: torch.Tensor | None = None          # packed: (B, T_enc) int64, k on example k of the micro-batch, 0 on pad
+    decoder_segment_ids: torch.Tensor | None = None  # packed: (B_dec, T_dec) likewise
+    cross_index: torch.Tensor | None = None          # packed: (B_dec, X) int64, the flat encoder positions b * T_enc + t
+                                                     # a decoder row's examples read, -1 after
 
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
@@ -457,64 +460,74 @@ class UL2Batches:
 
 def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarray, target_lens: np.ndarray,
                   encoder_len: int, decoder_len: int, pad_id: int, static_shapes: bool) -> Batch:
-    """(inputs, targets) examples -> a Batch of packed rows (T5's trim_and_pack, seqio): example i, with its
-    input_lens[i] encoder tokens (inputs: all examples concatenated) and its target_lens[i] labels (targets,
-    likewise; eos included), goes to row[i] at encoder offset enc_at[i] and decoder offset dec_at[i] as
-    segment seg[i] on both sides (pack_rows). The decoder reads each example's labels shifted right after its
-    own start token (pad). Rows are encoder_len / decoder_len long with static_shapes, else as long as the
-    longest row needs, rounded up to a multiple of 8. One scatter per array: no per-token Python."""
-    row, enc_at, dec_at, seg = pack_rows(input_lens, target_lens, encoder_len, decoder_len)
-    R = int(row.max()) + 1
+    """(inputs, targets) examples -> a Batch of packed rows (T5's trim_and_pack, seqio, with the two sides
+    packed apart): example i, with its input_lens[i] encoder tokens (inputs: all examples concatenated) and
+    its target_lens[i] labels (targets, likewise; eos included), is segment i + 1 of the micro-batch on both
+    sides, at enc_at[i] of encoder row enc_row[i] and at dec_at[i] of decoder row dec_row[i] (pack_rows). The
+    decoder reads each example's labels shifted right after its own start token (pad), and cross_index tells
+    every decoder row which encoder positions hold its examples' inputs, in its segment order (-1 after).
+    Rows are encoder_len / decoder_len long with static_shapes, else as long as the longest row needs, rounded
+    up to a multiple of 8 (cross_index: of 128, the key block of FlexAttention, whose CPU kernel requires it).
+    One scatter per array: no per-token Python."""
+    enc_row, enc_at = pack_rows(input_lens, encoder_len)
+    dec_row, dec_at = pack_rows(target_lens, decoder_len)
+    seg = np.arange(1, len(input_lens) + 1)
     T_in, T_out = encoder_len, decoder_len
     if not static_shapes:
         T_in = min(T_in, _round_up_8(int((enc_at + input_lens).max())))
         T_out = min(T_out, _round_up_8(int((dec_at + target_lens).max())))
-    at_in = np.repeat(row * T_in + enc_at, input_lens) + _ranks(input_lens)       # (N_in,) flat destinations
-    at_out = np.repeat(row * T_out + dec_at, target_lens) + _ranks(target_lens)   # (N_out,)
-    input_ids, segment_ids = np.full(R * T_in, pad_id, np.int64), np.zeros(R * T_in, np.int64)
+    R_in, R_out = int(enc_row.max()) + 1, int(dec_row.max()) + 1
+    at_in = np.repeat(enc_row * T_in + enc_at, input_lens) + _ranks(input_lens)       # (N_in,) flat destinations
+    at_out = np.repeat(dec_row * T_out + dec_at, target_lens) + _ranks(target_lens)   # (N_out,)
+    input_ids, segment_ids = np.full(R_in * T_in, pad_id, np.int64), np.zeros(R_in * T_in, np.int64)
     input_ids[at_in], segment_ids[at_in] = inputs, np.repeat(seg, input_lens)
-    labels, decoder_segment_ids = np.full(R * T_out, -100, np.int64), np.zeros(R * T_out, np.int64)
+    labels, decoder_segment_ids = np.full(R_out * T_out, -100, np.int64), np.zeros(R_out * T_out, np.int64)
     labels[at_out], decoder_segment_ids[at_out] = targets, np.repeat(seg, target_lens)
-    decoder_input_ids = np.full(R * T_out, pad_id, np.int64)     # the start token (pad) at each example's start
+    decoder_input_ids = np.full(R_out * T_out, pad_id, np.int64)     # the start token (pad) at each example's start
     first = np.cumsum(target_lens) - target_lens
     shifted = np.ones(len(targets), bool)
-    shifted[first] = False                                       # every label but the last moves one right
+    shifted[first] = False                                           # every label but the last moves one right
     last = np.ones(len(targets), bool)
     last[first + target_lens - 1] = False
     decoder_input_ids[at_out[shifted]] = targets[last]
-    enc = [torch.from_numpy(a.reshape(R, T_in)) for a in (input_ids, segment_ids)]
-    dec = [torch.from_numpy(a.reshape(R, T_out)) for a in (decoder_input_ids, labels, decoder_segment_ids)]
-    return Batch(enc[0], (enc[1] > 0).long(), dec[0], dec[1], enc[1], dec[2])
+    # cross_index: decoder row r reads its examples' encoder positions back to back, in decoder order
+    order = np.lexsort((dec_at, dec_row))
+    lens = input_lens[order]
+    before = np.cumsum(lens) - lens                                  # encoder tokens of earlier examples
+    row_start = np.r_[True, dec_row[order][1:] != dec_row[order][:-1]]
+    key_at = before - np.maximum.accumulate(np.where(row_start, before, 0))   # ... in the same decoder row
+    X = -(-int((key_at + lens).max()) // 128) * 128      # a whole number of FlexAttention's 128-key blocks
+    cross_index = np.full(R_out * X, -1, np.int64)
+    cross_index[np.repeat(dec_row[order] * X + key_at, lens) + _ranks(lens)] = \
+        np.repeat((enc_row * T_in + enc_at)[order], lens) + _ranks(lens)
+    enc = [torch.from_numpy(a.reshape(R_in, T_in)) for a in (input_ids, segment_ids)]
+    dec = [torch.from_numpy(a.reshape(R_out, T_out)) for a in (decoder_input_ids, labels, decoder_segment_ids)]
+    return Batch(enc[0], (enc[1] > 0).long(), dec[0], dec[1], enc[1], dec[2],
+                 torch.from_numpy(cross_index.reshape(R_out, X)))
 
 
-def pack_rows(enc_len: np.ndarray, dec_len: np.ndarray, enc_row: int, dec_row: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pack examples of (enc_len[i], dec_len[i]) tokens into as few rows of (enc_row, dec_row) as this
-    heuristic finds: 2-D best-fit decreasing. Largest examples first (size = the fraction of a row they fill,
-    summed over both sides), each into the row it leaves the least room in, or a new row. Both sides of a
-    row fill together (example k is segment k on both), so the side that the mixture fills faster (UL2 at
-    512 / 256: the decoder) bounds the other. Deterministic (stable order, first best row).
-    Returns per example: row, encoder offset, decoder offset, segment id (1, 2, ... in the row)."""
-    n = len(enc_len)
-    row, enc_at, dec_at, seg = ([0] * n for _ in range(4))
-    used_enc, used_dec, count = [], [], []          # per row (plain Python: ~30 rows, faster than numpy calls)
-    for i in np.argsort(-(enc_len / enc_row + dec_len / dec_row), kind="stable").tolist():
-        e, d = int(enc_len[i]), int(dec_len[i])
-        best, least = len(used_enc), math.inf
-        for r, (ue, ud) in enumerate(zip(used_enc, used_dec)):
-            if ue + e <= enc_row and ud + d <= dec_row:
-                room = (enc_row - ue - e) / enc_row + (dec_row - ud - d) / dec_row
-                if room < least:
-                    best, least = r, room
-        if best == len(used_enc):
-            used_enc.append(0), used_dec.append(0), count.append(0)
-        row[i], enc_at[i], dec_at[i] = best, used_enc[best], used_dec[best]
-        count[best] += 1
-        seg[i] = count[best]
-        used_enc[best] += e
-        used_dec[best] += d
-    row, enc_at, dec_at, seg = (np.array(a, np.int64) for a in (row, enc_at, dec_at, seg))
-    return row, enc_at, dec_at, seg
+def pack_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack items of lengths[i] tokens into as few rows of row_len as best-fit decreasing finds (at most
+    11/9 of the fewest possible plus a few, Johnson 1973): the longest first, each into the fullest row it fits in, or a new row.
+    The encoder and decoder sides are packed apart: UL2's mixture puts 1.6 input tokens per target token
+    on average (R-denoising 4 or more, S about 1), so rows that must hold the same examples on both sides
+    would fill one side to at most 1.6 / 2 of the other at 512 / 256, whatever the algorithm.
+    Deterministic (stable order, first best row). Returns per item: row, offset in the row."""
+    if len(lengths) and lengths.max() > row_len:
+        raise ValueError(f"an example of {int(lengths.max())} tokens does not fit a row of {row_len}")
+    row, at = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    used: list[int] = []                             # per row (plain Python: ~20 rows, faster than numpy calls)
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        best, least = len(used), row_len - n + 1
+        for r, u in enumerate(used):
+            if 0 <= row_len - u - n < least:
+                best, least = r, row_len - u - n
+        if best == len(used):
+            used.append(0)
+        row[i], at[i] = best, used[best]
+        used[best] += n
+    return row, at
 
 
 def benchmark_docs_per_s(docs: Sequence, tok, mixture: str = "ul2", batch_size: int = 64, seconds: float = 3.0,
