@@ -294,7 +294,8 @@ def read_segments(seg: Tensor, index: Tensor) -> Tensor:
 def segment_allowed(q_seg: Tensor, k_seg: Tensor, causal: bool) -> Tensor:
     """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same_segment, and not a
     later key if causal)."""
-    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :], torch.arange(k_seg.shape[1], device=k_seg.device))
+    k = torch.arange(k_seg.shape[1], device=k_seg.device)
+    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :], k)
     if causal:
         allowed &= torch.ones(q_seg.shape[1], k_seg.shape[1], dtype=torch.bool, device=q_seg.device).tril()
     return allowed[:, None]
@@ -311,7 +312,8 @@ def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None,
         return allowed if bias is None else bias.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def mask_mod(b, h, q, k):
-        allowed = same_segment(q_seg[b, q], k_seg[b, k] if k_index is None else read_segments(k_seg, k_index[b, k]), k)
+        key_seg = k_seg[b, k] if k_index is None else read_segments(k_seg, k_index[b, k])
+        allowed = same_segment(q_seg[b, q], key_seg, k)
         return allowed & (k <= q) if causal else allowed
 
     score_mod = None if bias is None else (lambda score, b, h, q, k: score + bias[0, h, q, k])

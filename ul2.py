@@ -258,10 +258,10 @@ class Batch(NamedTuple):
     attention_mask: torch.Tensor      # (B, T_enc) int64: 1 on tokens, 0 on pad
     decoder_input_ids: torch.Tensor   # (B, T_dec) int64: per example pad (= start token) + its labels[:-1]; pad after
     labels: torch.Tensor              # (B, T_dec) int64: targets + [eos] per example, -100 after
-    segment_ids: torch.Tensor | None = None          # packed: (B, T_enc) int64, k on example k of the micro-batch, 0 on pad
+    segment_ids: torch.Tensor | None = None          # packed: (B, T_enc) int64, k on example k of the batch, 0 on pad
     decoder_segment_ids: torch.Tensor | None = None  # packed: (B_dec, T_dec) likewise
-    cross_index: torch.Tensor | None = None          # packed: (B_dec, X) int64, the flat encoder positions b * T_enc + t
-                                                     # a decoder row's examples read, -1 after
+    cross_index: torch.Tensor | None = None          # packed: (B_dec, X) int64, the flat encoder positions
+                                                     # b * T_enc + t a decoder row's examples read, -1 after
 
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
@@ -467,7 +467,7 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
     decoder reads each example's labels shifted right after its own start token (pad), and cross_index tells
     every decoder row which encoder positions hold its examples' inputs, in its segment order (-1 after).
     Rows are encoder_len / decoder_len long with static_shapes, else as long as the longest row needs, rounded
-    up to a multiple of 8 (cross_index: of 128, the key block of FlexAttention, whose CPU kernel requires it).
+    up to a multiple of 8 (cross_index: of 128, FlexAttention's key block, so that no key block is partial).
     One scatter per array: no per-token Python."""
     enc_row, enc_at = pack_rows(input_lens, encoder_len)
     dec_row, dec_at = pack_rows(target_lens, decoder_len)
@@ -508,10 +508,11 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
 
 def pack_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack items of lengths[i] tokens into as few rows of row_len as best-fit decreasing finds (at most
-    11/9 of the fewest possible plus a few, Johnson 1973): the longest first, each into the fullest row it fits in, or a new row.
+    11/9 of the fewest possible plus a few, Johnson 1973): the longest first, each into the fullest row it
+    fits in, or a new row.
     The encoder and decoder sides are packed apart: UL2's mixture puts 1.6 input tokens per target token
-    on average (R-denoising 4 or more, S about 1), so rows that must hold the same examples on both sides
-    would fill one side to at most 1.6 / 2 of the other at 512 / 256, whatever the algorithm.
+    on the bundled sample (R-denoising 4.7, X 1.5, S 1.0), so rows that had to hold the same examples on
+    both sides would fill the encoder to at most 1.6 / 2 of the decoder at 512 / 256, whatever the algorithm.
     Deterministic (stable order, first best row). Returns per item: row, offset in the row."""
     if len(lengths) and lengths.max() > row_len:
         raise ValueError(f"an example of {int(lengths.max())} tokens does not fit a row of {row_len}")

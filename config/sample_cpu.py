@@ -10,7 +10,7 @@
 # busy machine use OMP_NUM_THREADS=1.
 out_dir = "out/sample_cpu"
 dataset = "sample"
-epochs = 0.75           # 1,351 steps of 4 documents, 1.11M tokens: the README line took 8 min 36 s on a quiet 2-core EPYC
+epochs = 0.75           # 1,351 steps of 4 documents, 1.11M tokens: the README line took 8 min 18 s on a quiet 2-core EPYC
 batch_size = 4
 micro_batch_size = 4
 encoder_len = 256

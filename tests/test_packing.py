@@ -116,6 +116,21 @@ def test_segment_positions_restart_in_every_segment():
     assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
 
 
+def test_masks_keep_segments_and_padding_queries_read_one_key():
+    """Queries attend their own segment; a padding query attends key 0 alone (no NaN softmax in SDPA, and
+    FlexAttention keeps no other key block for it). Cross-attention reads through cross_index (-1: no key)."""
+    q = torch.tensor([[2, 2, 5, 0]])
+    k = torch.tensor([[5, 5, 2, 0], [0, 0, 0, 0]])
+    index = torch.tensor([[2, 0, 1, -1]])                      # keys: segments 2, 5, 5, none
+    allowed = model_py.stack_masks(q, k, False, None, False, torch.float32, index)[0, 0]
+    assert allowed.int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
+    causal = model_py.stack_masks(q, q, True, None, False, torch.float32)[0, 0]
+    assert causal.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]]
+    row = (torch.arange(256) < 100).long()[None]               # one example, then 156 padding positions
+    blocks = model_py.stack_masks(row, row, False, None, True, torch.float32).block_mask.to_dense()
+    assert blocks[0, 0].tolist() == [[1, 0], [1, 0]]           # key block 1 (all padding) is never computed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
