@@ -30,9 +30,10 @@ step is its data position) makes the very updates of an uninterrupted one (a log
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
 With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_examples):
 encoder rows of encoder_len and decoder rows of decoder_len, each side packed apart, in numbers that vary a
-little from one micro-batch to the next (under --compile, torch.compile's automatic dynamic shapes then
-compile with symbolic row counts); the loss is the same token-weighted mean over the same examples, so
-pack=False (one example per row) trains the same model, slower.
+little from one micro-batch to the next (under --compile they are marked dynamic, so torch.compile compiles
+the training step once, with symbolic sizes: checked on the CPU, compiled loss == eager loss to 1e-7); the
+loss is the same token-weighted mean over the same examples, so pack=False (one example per row) trains the
+same model, slower.
 A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
 (README.md, "What survives what").
 
@@ -323,6 +324,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             stats[3] += float(doc_lengths[batches.indices(g)].sum())
             stats[4] += raw_model.train_flops(enc_real, dec_real, batch.input_ids.shape[1], batch.labels.shape[1])
             batch = batch.to(device)
+            if cfg.compile and cfg.pack:  # row counts and gathered key width vary: compile them symbolic at once
+                for t in batch:           # (else each size's first change recompiles the step: twice more, on the CPU)
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(batch.cross_index, 1)
             torch.manual_seed((cfg.seed << 32) + g)  # dropout masks, like the data, depend on (seed, g) only
             # DDP: all-reduce the gradients only after the last micro-batch (no_sync covers forward+backward)
             sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
