@@ -69,7 +69,9 @@ from types import SimpleNamespace
 # CPU: back tensors of 2 MB and more with transparent huge pages. The (tokens x 32k) logits and their
 # gradients are allocated and freed every step, and with 4 KB pages the kernel faulted them in again each
 # time: with it, 13x fewer page faults and half the system time of a quick-start step on a 2-core EPYC
-# (BENCHMARKS.md). PyTorch reads this once, at its first allocation, hence before `import torch`.
+# (BENCHMARKS.md). PyTorch reads this once, at its first tensor allocation: set it before anything allocates
+# (`import torch` allocates nothing, so ablation.py, which imports torch first, gets it too: checked with
+# AnonHugePages in /proc/self/smaps_rollup; after any allocation, even a small one, it is ignored).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
@@ -324,10 +326,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             stats[3] += float(doc_lengths[batches.indices(g)].sum())
             stats[4] += raw_model.train_flops(enc_real, dec_real, batch.input_ids.shape[1], batch.labels.shape[1])
             batch = batch.to(device)
-            if cfg.compile and cfg.pack:  # row counts and gathered key width vary: compile them symbolic at once
-                for t in batch:           # (else each size's first change recompiles the step: twice more, on the CPU)
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(batch.cross_index, 1)
+            if cfg.compile and cfg.pack:
+                batch.mark_dynamic()      # row counts and gathered key width vary: compile the step once
             torch.manual_seed((cfg.seed << 32) + g)  # dropout masks, like the data, depend on (seed, g) only
             # DDP: all-reduce the gradients only after the last micro-batch (no_sync covers forward+backward)
             sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
