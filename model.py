@@ -873,7 +873,7 @@ class ROT5(nn.Module):
             if not isinstance(seg, Tensor) or seg.dtype not in (torch.int64, torch.int32) or tuple(seg.shape) != shape:
                 raise ValueError(f"{name} must be an int tensor shaped like its token ids {shape}")
             if (seg < 0).any():
-                raise ValueError(f"{name} must be >= 0 (0 = padding, k = the row's k-th example)")
+                raise ValueError(f"{name} must be >= 0 (0 = padding, k = example k of the batch)")
         implied = segment_ids > 0
         if attention_mask is not None and not torch.equal(attention_mask.bool(), implied):
             raise ValueError("attention_mask must be segment_ids > 0 for packed rows (or leave it out)")

@@ -310,7 +310,7 @@ class UL2Batches:
         self.encoder_len, self.decoder_len, self.batch_size = encoder_len, decoder_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.static_shapes = static_shapes   # pad to exactly (encoder_len, decoder_len): fixed shapes for compile
-        self.pack = pack                     # several examples per row (pack_rows); else one per row
+        self.pack = pack                     # several examples per row (pack_examples); else one per row
         self.windows = np.array([self._max_window(d) for d in self.mixture])
         # per-denoiser columns, indexed by the denoiser drawn for each row
         self.cum_probs = np.cumsum(self.probs)
