@@ -69,7 +69,6 @@ batch_size 64, ~45k/s at batch_size 8 where a fixed ~170 us per batch (about 100
 """
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
