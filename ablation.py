@@ -28,7 +28,7 @@ The study (the seed's "Initial Pretraining" and "Initial Summarization Tuning"):
      variant, final full-validation-loss bars, fine-tuning loss and ROUGE-L curves with final bars.
   Your own ablation: --variants a.py,b.py,... takes config files instead of preset names; each is a variant
      trained at matched compute (the same documents, steps and batch) against the first, the baseline.
-  --flan adds the seed's calibration row: FLAN-T5-Base (a Hugging Face model, loaded through ROT5.from_hf_t5)
+  --flan adds the seed's calibration row: FLAN-T5-Base (a Hugging Face model, loaded through hf_t5.from_hf_t5)
      fine-tuned by the same finetune.py run on the same pairs, tokenized with T5's own tokenizer into
      data/<fine-tuning dataset>_t5 (the CPU scale prepares it; the full scale needs `python prepare.py
      tinystories_instruct --tokenizer t5:google/flan-t5-base --out-dir data/tinystories_instruct_t5`).
@@ -87,8 +87,8 @@ import torch
 import finetune
 import prepare
 import train
-from checkpoint import t5_tokenizer_name
 from configurator import configure, read_config_file
+from hf_t5 import t5_tokenizer_name
 from model import ROT5, ROT5Config, SwitchFFN
 from tokenizer import get_tokenizer
 from ul2 import UL2Batches
@@ -341,7 +341,8 @@ def cpu_fixed(v: Variant, own: dict, baseline: Variant) -> None:
     only GQA and MoE to its 4 heads. A variant that differs from the baseline in another key the scale sets
     would silently lose its change: refuse it."""
     base = resolve_pretrain([baseline.config])
-    mapped = ("n_kv_heads", "batch_size", "micro_batch_size", "out_dir")  # GQA's ratio; the budget, matched anyway
+    # GQA's ratio; the budget, matched anyway; how it runs (the presets compile for the GPU), not what it trains
+    mapped = ("n_kv_heads", "batch_size", "micro_batch_size", "out_dir", "compile")
     lost = [k for k in read_config_file(CPU_SCALE) if k not in mapped and own[k] != base[k]]
     if lost:
         what = ", ".join(f"{k}={own[k]!r} (baseline {base[k]!r})" for k in lost)
@@ -725,7 +726,7 @@ def flops_per_document(config: dict) -> float:
     total = 0.0
     for g in range(PLAN_BATCHES):
         b = batches.batch(g)
-        total += model.train_flops(int(b.attention_mask.sum()), int((b.labels != -100).sum()),
+        total += model.train_flops(int((b.segment_ids > 0).sum()), int((b.labels != -100).sum()),
                                    b.input_ids.shape[1], b.labels.shape[1])
     return total / (PLAN_BATCHES * config["micro_batch_size"])
 
@@ -735,8 +736,8 @@ def flops_per_pair(pre_config: dict, ft_config: dict) -> float:
     pairs = prepare.load_pairs(os.path.join("data", "sample_instruct"), "train")
     pairs = [pairs[i] for i in range(len(pairs))]
     batch, _ = finetune.collate(pairs, get_tokenizer(), ft_config["encoder_len"], ft_config["decoder_len"])
-    return meta_model(pre_config).train_flops(int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()),
-                                              batch["input_ids"].shape[1], batch["labels"].shape[1]) / len(pairs)
+    return meta_model(pre_config).train_flops(int((batch.segment_ids > 0).sum()), int((batch.labels != -100).sum()),
+                                              batch.input_ids.shape[1], batch.labels.shape[1]) / len(pairs)
 
 
 def planned_steps(config: dict) -> int:

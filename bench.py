@@ -6,8 +6,9 @@ the median of several timed calls. The timed calls of the two sides alternate (A
 from other processes slows both alike and the ratio stays meaningful on a busy machine.
 
     a  training step (forward + backward + AdamW) on a UL2 batch:
-         T5 baseline: ROT5.from_hf_t5 of a random-init HF T5 -> same weights on both sides;
-         rot5_mini (config/rot5_mini.py: RoPE + GQA) vs HF T5 with the same d_model/heads/d_ff/layers/vocab (MHA)
+         T5 baseline: hf_t5.from_hf_t5 of a random-init HF T5 -> same weights on both sides;
+         rot5_mini (config/rot5_mini.py: RoPE + GQA) vs HF T5 with the same d_model/heads/d_ff/layers/vocab (MHA);
+         the same examples, each side in its best layout: ROT5 packs them (as train.py), HF pads one per row
     b  greedy decoding, batch 1, 256-token input, exactly 64 new tokens (end of sequence never stops it)
     c  beam search, 4 beams, batch 8, 256-token inputs, exactly 64 new tokens
     d  UL2 batches (ul2.UL2Batches: sampling, cropping, corruption, padding) in documents/s on one core
@@ -19,10 +20,12 @@ from other processes slows both alike and the ratio stays meaningful on a busy m
     h  packed rows (ul2.pack_examples): the real-token fraction of rot5_mini's rows (512 / 256, fixed shapes as
        compiled) one example per row vs packed (and of the keys packed cross-attention gathers), and the real
        tokens/s of a rot5_mini training step on the same documents in both layouts (with --compile: compiled,
-       and eager packed vs eager padding-skip)
+       and eager)
+    i  one packed training step of rot5_mini's shape (tiny sizes): host syncs of the eager forward + backward
+       (reads of a tensor's value on the host) and torch._dynamo.explain's graphs and graph breaks
 
 Usage:
-    python bench.py                          # a-e, g, h on the CPU, fp32, all cores (the table in BENCHMARKS.md)
+    python bench.py                          # a-e, g-i on the CPU, fp32, all cores (the table in BENCHMARKS.md)
     python bench.py --markdown               # the same, the table printed as markdown for BENCHMARKS.md
     python bench.py --quick                  # tiny shapes, seconds: checks that everything runs (the smoke test)
     python bench.py --only a,b --threads 2
@@ -51,16 +54,19 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import prepare
 import train
 import ul2
-from model import ROT5, ROT5Config, stack_masks
+from generate import generate
+from hf_t5 import from_hf_t5
+from model import ROT5, Batch, ROT5Config, segment_mask
 from tokenizer import get_tokenizer, mistral_model_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES = os.path.join(HERE, "data", "sample", "stories.txt")
-SECTIONS = "abcdefgh"
+SECTIONS = "abcdefghi"
 SEED_PRETRAIN_TOKENS = 2 * 684_805_492  # the seed's Chinchilla run: 2 epochs of TinyStories-Instruct (1.37B)
 TARGETS = {"train_t5": 1.3, "train_mini": 1.5, "greedy_t5": 3.0, "beam_t5": 2.0}  # ROT5 / HF speed, on the CPU
 
@@ -233,7 +239,7 @@ def model_pair(kind: str, setup: Setup, vocab_size: int, device: torch.device) -
     arch = setup.t5_arch if kind == "t5" else setup.mini_arch
     hf = hf_t5(arch, vocab_size, seed=0)
     if kind == "t5":
-        ours = ROT5.from_hf_t5(hf)
+        ours = from_hf_t5(hf)
         what = f"T5 baseline {n_params(ours)} (HF's weights)"
     else:
         torch.manual_seed(0)
@@ -269,7 +275,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def train_step_fn(model: torch.nn.Module, batch: ul2.Batch, hf: bool, device: torch.device, dtype: torch.dtype,
+def train_step_fn(model: torch.nn.Module, batch: Batch, hf: bool, device: torch.device, dtype: torch.dtype,
                   compile: bool) -> Callable[[], None]:
     """One optimizer step of `model` on `batch`: forward with the LM loss (+ MoE losses), backward, AdamW."""
     model.train()
@@ -280,10 +286,10 @@ def train_step_fn(model: torch.nn.Module, batch: ul2.Batch, hf: bool, device: to
     def step() -> None:
         with autocast(device, dtype):
             if hf:
-                out = fwd(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                out = fwd(input_ids=b.input_ids, attention_mask=(b.segment_ids > 0).long(),
                           decoder_input_ids=b.decoder_input_ids, labels=b.labels)
-            else:  # packed batches carry segment ids too
-                out = fwd(*b)
+            else:
+                out = fwd(b)
             loss = out.loss if hf else out.loss + out.aux_loss + out.z_loss
         loss.backward()
         opt.step()
@@ -291,9 +297,9 @@ def train_step_fn(model: torch.nn.Module, batch: ul2.Batch, hf: bool, device: to
     return step
 
 
-def batch_tokens(batch: ul2.Batch) -> tuple[int, int]:
+def batch_tokens(batch: Batch) -> tuple[int, int]:
     """(real encoder input tokens, target tokens) of a batch."""
-    return int(batch.attention_mask.sum()), int((batch.labels != -100).sum())
+    return int((batch.segment_ids > 0).sum()), int((batch.labels != -100).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,17 +307,18 @@ def batch_tokens(batch: ul2.Batch) -> tuple[int, int]:
 
 
 def bench_train(args, setup: Setup, tok, docs, device, dtype, notes: list[str]) -> list[Row]:
-    batch = ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, setup.train_batch,
-                           static_shapes=args.compile).batch(0)
-    enc_tok, dec_tok = batch_tokens(batch)
-    notes.append(f"[a] one UL2 batch of {setup.train_batch} stories: encoder {tuple(batch.input_ids.shape)} with "
-                 f"{enc_tok} real tokens, decoder {tuple(batch.labels.shape)} with {dec_tok} targets; "
-                 "tok/s = (real encoder tokens + targets) / step time; AdamW, dropout 0.1")
+    padded, packed = (ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, setup.train_batch,
+                                     static_shapes=args.compile, pack=pack).batch(0) for pack in (False, True))
+    enc_tok, dec_tok = batch_tokens(packed)   # the same examples in both layouts
+    notes.append(f"[a] one UL2 batch of {setup.train_batch} stories, {enc_tok} real encoder tokens and {dec_tok} targets: "
+                 f"ROT5 packed, encoder {tuple(packed.input_ids.shape)}, decoder {tuple(packed.labels.shape)}; HF one "
+                 f"per row, {tuple(padded.input_ids.shape)}, {tuple(padded.labels.shape)}; tok/s = (real encoder "
+                 "tokens + targets) / step time; AdamW; dropout as each config sets it")
     rows = []
     for kind in ("t5", "mini"):
         ours, hf, models = model_pair(kind, setup, tok.vocab_size, device)
-        t = median_times({"rot5": train_step_fn(ours, batch, False, device, dtype, args.compile),
-                          "hf": train_step_fn(hf, batch, True, device, dtype, args.compile)},
+        t = median_times({"rot5": train_step_fn(ours, packed, False, device, dtype, args.compile),
+                          "hf": train_step_fn(hf, padded, True, device, dtype, args.compile)},
                          setup.warmup, setup.iters, device)
         rows.append(report(Row("a", "train step", models, f"{(enc_tok + dec_tok) / t['rot5']:,.0f} tok/s",
                                f"{(enc_tok + dec_tok) / t['hf']:,.0f} tok/s", t["hf"] / t["rot5"],
@@ -337,7 +344,7 @@ def bench_generate(args, setup: Setup, tok, docs, device, dtype, beams: bool, no
 
         def run_ours() -> None:
             with torch.no_grad(), autocast(device, dtype):
-                out["rot5"] = ours.generate(x, attention_mask=mask, max_new_tokens=n, num_beams=K, eos_token_id=-1)
+                out["rot5"] = generate(ours, x, mask, max_new_tokens=n, num_beams=K, eos_token_id=-1)
 
         def run_hf() -> None:
             with torch.no_grad(), autocast(device, dtype):
@@ -379,7 +386,7 @@ def decode_floor_fn(model: ROT5, x: torch.Tensor, mask: torch.Tensor, n: int, de
 
     def run() -> None:
         with torch.no_grad(), autocast(device, dtype):
-            model.new_cache(model.encode(x, mask), n)
+            model.new_cache(model.encode(x, mask), n, attention_mask=mask)
             for _ in range(n):
                 for m in mats:
                     torch.nn.functional.linear(vec[m.shape[1]], m)
@@ -520,7 +527,7 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
         enc = dec = enc_pos = dec_pos = keys = 0
         for g in range(n):
             b = batches.batch(g)
-            enc, dec = enc + int(b.attention_mask.sum()), dec + int((b.labels != -100).sum())
+            enc, dec = enc + int((b.segment_ids > 0).sum()), dec + int((b.labels != -100).sum())
             enc_pos, dec_pos = enc_pos + b.input_ids.numel(), dec_pos + b.labels.numel()
             keys += b.input_ids.numel() if b.cross_index is None else b.cross_index.numel()
         rows.append(report(Row("h", f"real tokens, {'packed' if pack else 'one example per row'}",
@@ -528,21 +535,36 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
                                f"{enc / enc_pos:.1%} enc, {dec / dec_pos:.1%} dec, "
                                f"{(enc + dec) / (enc_pos + dec_pos):.1%} all; cross keys {enc / keys:.1%}",
                                "", None, None)))
-    # FlexAttention (compiled on a GPU) computes only the 128 x 128 blocks its block masks keep
+    # FlexAttention (compiled on a GPU) computes only the 128 x 128 blocks its block masks keep; SDPA computes
+    # every (query, key) pair of its dense masks. What that is worth, in FLOPs of a whole rot5_mini step.
     blocks = {"encoder": [0, 0], "decoder": [0, 0], "cross": [0, 0]}
+    mini = ROT5Config(**setup.mini_arch, vocab_size=tok.vocab_size)
+    with torch.device("meta"):
+        flops_of = ROT5(mini).train_flops
+    matmul = 0.0
     for g in range(1 if args.quick else 4):
         b = layouts[True].batch(g)
+        matmul += flops_of(b.input_ids.numel(), b.labels.numel(), 0, 0)    # every position is computed
         for name, (q, k, causal, index) in {"encoder": (b.segment_ids, b.segment_ids, False, None),
                                             "decoder": (b.decoder_segment_ids, b.decoder_segment_ids, True, None),
                                             "cross": (b.decoder_segment_ids, b.segment_ids, False, b.cross_index)}.items():
-            mask = stack_masks(q, k, causal, None, True, torch.float32, index).block_mask
+            mask = segment_mask(q, k, causal, None, True, torch.float32, index).block_mask
             kept = mask.kv_num_blocks.sum() + (0 if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks.sum())
             Tk = k.shape[1] if index is None else index.shape[1]
-            blocks[name][0] += int(kept)
-            blocks[name][1] += len(q) * -(-q.shape[1] // 128) * -(-Tk // 128)
+            blocks[name][0] += int(kept) * 128 * 128
+            blocks[name][1] += q.numel() * Tk
     rows.append(report(Row("h", "FlexAttention blocks computed, packed", f"{1 if args.quick else 4} of those batches",
                            ", ".join(f"{name} {kept / total:.0%}" for name, (kept, total) in blocks.items()),
                            "", None, None)))
+    # attention FLOPs: 2 x 2 H Dh per (query, key) pair, x 3 for forward + backward (model.train_flops)
+    per_pair = 12 * mini.n_heads * mini.head_dim
+    layers = {"encoder": mini.n_encoder_layers, "decoder": mini.n_decoder_layers, "cross": mini.n_decoder_layers}
+    sdpa = per_pair * sum(layers[n] * total for n, (_, total) in blocks.items())
+    flex = per_pair * sum(layers[n] * kept for n, (kept, _) in blocks.items())
+    rows.append(report(Row("h", "step FLOPs, FlexAttention vs SDPA, packed", "rot5_mini, the same batches",
+                           f"attention {flex / (matmul + flex):.0%} of {(matmul + flex) / 1e12:.2f} TFLOP",
+                           f"{sdpa / (matmul + sdpa):.0%} of {(matmul + sdpa) / 1e12:.2f} TFLOP (SDPA)",
+                           (matmul + sdpa) / (matmul + flex), None)))
     # a training step: section a's batch size on a CPU (memory), the config's micro batch on a GPU
     B = 2 if args.quick else read_config("rot5_mini.py")["micro_batch_size"] if device.type == "cuda" \
         else setup.train_batch
@@ -556,15 +578,73 @@ def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]
     notes.append(f"[h] rows: one example per row {tuple(batches[False].input_ids.shape)} / "
                  f"{tuple(batches[False].labels.shape)}, packed {tuple(batches[True].input_ids.shape)} / "
                  f"{tuple(batches[True].labels.shape)} reading {tuple(batches[True].cross_index.shape)} gathered "
-                 f"cross-attention keys, {real} real tokens; eager skips padding in everything but attention, "
-                 "compiled (padded) does not")
+                 f"cross-attention keys, {real} real tokens")
     times = median_times(fns, setup.warmup, setup.iters, device)
     for how in ("compiled", "eager") if args.compile else ("eager",):
-        ref = "padding-skip" if how == "eager" else "padded"
         rows.append(report(Row("h", f"train step, {how}, packed vs one example per row", f"rot5_mini, {B} stories",
                                f"{real / times[f'packed {how}']:,.0f} real tok/s",
-                               f"{real / times[f'padded {how}']:,.0f} ({ref})",
+                               f"{real / times[f'padded {how}']:,.0f} (padded)",
                                times[f"padded {how}"] / times[f"packed {how}"], None)))
+    return rows
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to the host: .item() / int() / bool() (aten's
+    _local_scalar_dense), torch.equal, nonzero and boolean-mask indexing (output shapes that depend on values),
+    and .tolist() (not an aten op: counted by wrapping it). On a GPU each one waits for the device to go idle."""
+    READS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.nonzero.default",
+             "aten.masked_select.default", "aten.is_nonzero.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in self.READS or (name == "aten.index.Tensor" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+            self.reads[name] = self.reads.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(t, *a, **k):
+            self.reads["tolist"] = self.reads.get("tolist", 0) + 1
+            return tolist(t, *a, **k)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def bench_syncs(args, setup: Setup, tok, docs, notes: list[str]) -> list[Row]:
+    """i: host reads of one eager training step (forward + backward) on a packed batch, and the graphs
+    torch._dynamo.explain finds in the forward. rot5_mini's layers and heads at a small width (the counts
+    do not depend on the width), dense and with Switch MoE; on the CPU, fp32."""
+    batch = ul2.UL2Batches(docs, tok, "ul2", setup.encoder_len, setup.decoder_len, 8, static_shapes=True,
+                           pack=True).batch(0)
+    small = setup.mini_arch | dict(d_model=64, head_dim=8, d_ff=128, vocab_size=tok.vocab_size)
+    rows = []
+    for name, arch in (("dense", small), ("MoE, 4 experts", small | dict(n_experts=4))):
+        torch.manual_seed(0)
+        model = ROT5(ROT5Config(**arch))
+        with HostReads() as counter:
+            out = model(batch)
+            (out.loss + out.aux_loss + out.z_loss).backward()
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(batch)
+        reads = ", ".join(f"{n.removeprefix('aten.').removesuffix('.default')} {k}" for n, k in counter.reads.items())
+        rows.append(report(Row("i", "host reads per eager step; graphs, graph breaks of the forward",
+                               f"rot5_mini layers, {name}", f"{sum(counter.reads.values())} reads"
+                               + (f" ({reads})" if reads else "") + f"; {explained.graph_count} graph(s), "
+                               f"{explained.graph_break_count} break(s)", "", None, None)))
+    notes.append(f"[i] one packed UL2 batch of 8 stories {tuple(batch.input_ids.shape)} / {tuple(batch.labels.shape)}; "
+                 "rot5_mini's 10 + 10 layers, 16 heads, 4 K/V heads at d_model 64; torch._dynamo.explain traces the "
+                 "forward (no kernels compiled)")
     return rows
 
 
@@ -596,7 +676,7 @@ def report(row: Row) -> Row:
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations: runs in seconds")
-    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e, g, h; all on cuda)")
+    p.add_argument("--only", default=None, help="comma-separated sections, e.g. a,b (default: a-e, g-i; all on cuda)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile both models for the training steps")
@@ -606,7 +686,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = p.parse_args(argv)
 
     device = train.resolve_device(args.device)
-    default = "abcdefgh" if device.type == "cuda" or args.quick else "abcdegh"
+    default = "abcdefghi" if device.type == "cuda" or args.quick else "abcdeghi"
     sections = args.only.replace(",", "") if args.only else default
     if not sections or set(sections) - set(SECTIONS):
         raise SystemExit(f"--only {args.only!r}: choose sections among {','.join(SECTIONS)}")
@@ -621,7 +701,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     setup = quick_setup() if args.quick else full_setup(device)
     tok = get_tokenizer("mistral")
     print(machine(device, args.threads), flush=True)
-    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdfgh") else []
+    docs = real_documents(tok, setup.prepare_bytes) if set(sections) & set("abcdfghi") else []
     rows: list[Row] = []
     notes: list[str] = []
     if "a" in sections:
@@ -640,6 +720,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += bench_checks(args, setup, tok, docs, notes)
     if "h" in sections:
         rows += bench_packing(args, setup, tok, docs, device, dtype, notes)
+    if "i" in sections:
+        rows += bench_syncs(args, setup, tok, docs, notes)
     mode = (f"{args.dtype}{' autocast' if dtype != torch.float32 else ''}, "
             f"{'torch.compile (training steps)' if args.compile else 'eager'}")
     print(f"\n{machine(device, args.threads)}\n{mode}; median of {setup.iters} timed calls after {setup.warmup} "

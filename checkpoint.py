@@ -20,12 +20,12 @@ Export, for the Hugging Face hub and every other safetensors loader:
     python checkpoint.py export --ckpt out/t5_base/ckpt.pt --out export/t5_base_hf --hf    # the T5 baseline
 The first writes model.safetensors (the weights) and config.json (model_type "rot5": the checkpoint's other
 keys but the optimizer and the RNG states); load_model (so sample.py and finetune.py) reads the directory as it
-reads the checkpoint. --hf writes a T5ForConditionalGeneration.save_pretrained directory (ROT5.to_hf_t5; with
+reads the checkpoint. --hf writes a T5ForConditionalGeneration.save_pretrained directory (hf_t5.to_hf_t5; with
 T5's spiece.model when the model uses T5's tokenizer). A directory is written under a temporary name and
 renamed into place when complete; an existing one is never written into.
 
 load_model also reads Hugging Face T5 / T5 v1.1 / FLAN-T5 models: "hf:HUB_ID" (downloaded with huggingface_hub
-into its cache) or a save_pretrained directory, through ROT5.from_hf_t5, with T5's own tokenizer (the
+into its cache) or a save_pretrained directory, through hf_t5.from_hf_t5, with T5's own tokenizer (the
 spiece.model beside the weights, tokenizer "t5:HUB_ID_OR_DIR"). That is how finetune.py fine-tunes FLAN-T5.
 """
 from __future__ import annotations
@@ -81,14 +81,28 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SystemExit(f"{path} is not a ROT5 checkpoint: it lacks {', '.join(missing)} "
-                         "(train.py and finetune.py write ROT5 checkpoints; HF T5 weights go through ROT5.from_hf_t5)")
+                         "(train.py and finetune.py write ROT5 checkpoints; HF T5 weights go through hf_t5.from_hf_t5)")
     return ckpt
+
+
+# ROT5Config fields that say how to run a model, not what it computes: a run may resume with others
+RUNTIME_FIELDS = ("attention",)
+
+
+def model_config(ckpt: dict) -> dict:
+    """A checkpoint's model_config as this model.py reads it. Checkpoints older than the attention_dropout and
+    attention fields had one dropout rate for everything and no kernel choice."""
+    config = dict(ckpt["model_config"])
+    config.setdefault("attention_dropout", config.get("dropout", 0.1))
+    config.setdefault("attention", "auto")
+    return config
 
 
 def load_model(path: str, device: str | torch.device = "cpu"):
     """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint, an
     export directory, or a Hugging Face T5 model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
     kind "hf-t5", the source and an empty run config)."""
+    from hf_t5 import load_hf_t5
     from model import ROT5, ROT5Config
     from tokenizer import get_tokenizer
 
@@ -102,7 +116,7 @@ def load_model(path: str, device: str | torch.device = "cpu"):
         raise SystemExit(f"{path} has model_config fields {unknown} that this model.py does not know: "
                          "it was written by another ROT5 version; load it with that version")
     try:
-        cfg = ROT5Config(**ckpt["model_config"])
+        cfg = ROT5Config(**model_config(ckpt))
         model = ROT5(cfg)
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
@@ -123,8 +137,10 @@ def export(ckpt_path: str, out: str, hf: bool = False) -> None:
     config.json, or with hf=True an HF T5ForConditionalGeneration directory (the T5 baseline only)."""
     model, tok, ckpt = load_model(ckpt_path)
     if hf:
+        from hf_t5 import to_hf_t5
+
         try:
-            hf_model = model.to_hf_t5()
+            hf_model = to_hf_t5(model)
         except ValueError as e:
             raise SystemExit(f"{ckpt_path}: {first_line(e)}") from None
     with new_directory(out) as tmp:
@@ -201,53 +217,6 @@ def load_export(directory: str) -> dict:
         raise SystemExit(f"{weights} is not a readable safetensors file ({first_line(e)[:200]}): export it again") from None
 
 
-def load_hf_t5(source: str):
-    """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory,
-    its weights through ROT5.from_hf_t5, its spiece.model as the tokenizer "t5:HUB_ID_OR_DIR". One line on failure."""
-    from model import ROT5
-    from tokenizer import get_tokenizer
-
-    try:
-        from transformers import T5ForConditionalGeneration
-    except ImportError:
-        raise SystemExit(f"{source}: reading Hugging Face T5 models needs transformers: pip install transformers") from None
-    where = source.removeprefix("hf:")  # a hub id or a directory
-    if os.path.isdir(where):
-        config = read_config_json(where)
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            with open(hf_hub_download(repo_id=where, filename="config.json"), encoding="utf-8") as f:
-                config = json.load(f)
-        except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
-            raise SystemExit(f"could not download {where}/config.json from the Hugging Face hub ({type(e).__name__}: "
-                             f"{first_line(e)[:160]}); offline, pass a local save_pretrained directory instead") from None
-    if config.get("model_type") != "t5":
-        raise SystemExit(f"{source} is a {config.get('model_type')!r} model, not T5: ROT5 reads T5, T5 v1.1 and "
-                         "FLAN-T5 models (model_type 't5')")
-    try:
-        tok = get_tokenizer(t5_tokenizer_name(source))
-        hf, info = T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True)
-        model = ROT5.from_hf_t5(hf)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    if info["missing_keys"]:  # transformers would fill them with random weights
-        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a T5 encoder-decoder (e.g. "
-                         f"{sorted(info['missing_keys'])[0]}): it is not a whole T5ForConditionalGeneration")
-    c = model.cfg
-    if (tok.vocab_size, tok.pad_id, tok.eos_id) != (c.vocab_size, c.pad_token_id, c.eos_token_id):
-        raise SystemExit(f"{source}: its spiece.model gives {tok.vocab_size} ids, pad {tok.pad_id}, eos {tok.eos_id} "
-                         f"but the model has vocab_size={c.vocab_size}, pad {c.pad_token_id}, eos {c.eos_token_id}: "
-                         "it is not this model's tokenizer")
-    return model, tok
-
-
-def t5_tokenizer_name(source: str) -> str:
-    """The tokenizer (tokenizer.py) of the HF T5 `source` ("hf:HUB_ID" or a directory): its spiece.model."""
-    return "t5:" + source.removeprefix("hf:")
-
-
 # -- starting and resuming a run (train.py and finetune.py) ---------------------------------------------------
 
 RESUMED_WITH = {"pretrain": "pre-training from a train.py one", "finetune": "fine-tuning from a finetune.py one"}
@@ -271,9 +240,9 @@ def resume_run(ckpt_path: str, kind: str, model: torch.nn.Module, optimizer: tor
     ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
     if ckpt["kind"] != kind:
         raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume {RESUMED_WITH[kind]}")
-    model_config = dataclasses.asdict(model.cfg)
-    if ckpt["model_config"] != model_config:
-        diff = sorted(k for k, v in model_config.items() if ckpt["model_config"].get(k) != v)
+    ours, theirs = dataclasses.asdict(model.cfg), model_config(ckpt)
+    diff = sorted(k for k, v in ours.items() if theirs.get(k) != v and k not in RUNTIME_FIELDS)
+    if diff:
         raise SystemExit(f"{ckpt_path} was trained with other model keys ({', '.join(diff)}): resume with the "
                          "config that wrote it, or use a new out_dir")
     changed = sorted(k for k in run_keys if ckpt["config"].get(k) != config[k])

@@ -72,6 +72,8 @@ import prepare
 from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
                         resume_run, save_checkpoint)
 from configurator import check_ranges, configure
+from generate import generate, pad_prompts
+from model import Batch, check_batch
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples
@@ -215,18 +217,17 @@ def main(argv: list[str]) -> dict:
             batch, cut = collate([train_pairs[int(i)] for i in micro_idx], tok, cfg["encoder_len"], cfg["decoder_len"],
                                  cfg["pack"])
             truncated += cut
-            batch = {k: v.to(device) for k, v in batch.items()}
+            check_batch(batch, model.cfg)  # on the CPU, before the device sees it
+            enc_real, dec_real = int((batch.segment_ids > 0).sum()), int((batch.labels != -100).sum())
+            positions = [positions[0] + enc_real, positions[1] + batch.input_ids.numel(),
+                         positions[2] + dec_real, positions[3] + batch.labels.numel()]
             with autocast:
-                out = model(**batch)
+                out = model(batch.to(device))
                 loss = out.loss + out.aux_loss + out.z_loss  # plus the MoE balancing / z-losses (0 if dense)
             (loss / len(micro_batches)).backward()
             # (one host sync for both; lm is comparable with val_loss: for MoE, without the aux / z losses)
             total, lm = (torch.stack([loss, out.loss]).detach().float() / len(micro_batches)).tolist()
-            step_loss, step_lm_loss = step_loss + total, step_lm_loss + lm
-            enc_real, dec_real = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
-            step_tokens += enc_real + dec_real
-            positions = [positions[0] + enc_real, positions[1] + batch["input_ids"].numel(),
-                         positions[2] + dec_real, positions[3] + batch["labels"].numel()]
+            step_loss, step_lm_loss, step_tokens = step_loss + total, step_lm_loss + lm, step_tokens + enc_real + dec_real
         grad_norm, updated = guarded_step(model, optimizer, cfg["grad_clip"], step_loss)  # as train.py
         if updated:
             bad_in_a_row = 0
@@ -275,27 +276,13 @@ def summarize_input(story: Sequence[int], tok: Tokenizer, encoder_len: int) -> t
 
 
 def collate(pairs: list[tuple[np.ndarray, np.ndarray]], tok: Tokenizer, encoder_len: int,
-            decoder_len: int, pack: bool = False) -> tuple[dict[str, torch.Tensor], int]:
-    """(story, summary) pairs -> model inputs padded to the longest in the batch, and the number of cut stories.
-    pack: several pairs per row instead (segment ids; the same loss over the same tokens, less padding)."""
+            decoder_len: int, pack: bool = True) -> tuple[Batch, int]:
+    """(story, summary) pairs -> a Batch of packed rows (several pairs per row, no compute on padding), or one
+    pair per row (pack=False), and the number of stories cut to fit encoder_len."""
     inputs, cuts = zip(*(summarize_input(story, tok, encoder_len) for story, _ in pairs))
     targets = [[int(i) for i in summary[:decoder_len - 1]] + [tok.eos_id] for _, summary in pairs]
-    if pack:
-        batch = pack_examples(np.concatenate(inputs), np.array([len(x) for x in inputs]), np.concatenate(targets),
-                              np.array([len(y) for y in targets]), encoder_len, decoder_len, tok.pad_id, False)
-        return batch._asdict(), sum(cuts)
-    B, Te, Td = len(pairs), max(map(len, inputs)), max(map(len, targets))
-    input_ids = torch.full((B, Te), tok.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, Te), dtype=torch.long)
-    labels = torch.full((B, Td), -100, dtype=torch.long)
-    for b, (x, y) in enumerate(zip(inputs, targets)):
-        input_ids[b, :len(x)] = torch.tensor(x)
-        attention_mask[b, :len(x)] = 1
-        labels[b, :len(y)] = torch.tensor(y)
-    # teacher forcing: the decoder reads the labels shifted right, starting from pad (the T5 start token)
-    decoder_input_ids = torch.full((B, Td), tok.pad_id, dtype=torch.long)
-    decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, tok.pad_id)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, labels=labels)
+    batch = pack_examples(np.concatenate(inputs), np.array([len(x) for x in inputs]), np.concatenate(targets),
+                          np.array([len(y) for y in targets]), encoder_len, decoder_len, tok.pad_id, False, pack)
     return batch, sum(cuts)
 
 
@@ -313,13 +300,14 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
         pairs = [val_pairs[i] for i in range(start, min(start + bs, n))]
         batch, c = collate(pairs, tok, cfg["encoder_len"], cfg["decoder_len"])
         cut += c
-        batch = {k: v.to(device) for k, v in batch.items()}
+        input_ids, attention_mask = pad_prompts([summarize_input(story, tok, cfg["encoder_len"])[0]
+                                                 for story, _ in pairs], tok.pad_id)
         with autocast:
-            out = model(**batch)
-            generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       max_new_tokens=cfg["decoder_len"], num_beams=cfg["num_beams"],
-                                       eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids())
-        k = int((batch["labels"] != -100).sum())
+            out = model(batch.to(device))
+            generated = generate(model, input_ids.to(device), attention_mask.to(device),
+                                 max_new_tokens=cfg["decoder_len"], num_beams=cfg["num_beams"],
+                                 eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids())
+        k = int((batch.labels != -100).sum())
         loss_sum, n_labels = loss_sum + out.loss.item() * k, n_labels + k
         for (story, summary), ids in zip(pairs, generated.tolist()):
             rows.append({"story": tok.decode(story), "reference": tok.decode(summary),
@@ -359,10 +347,13 @@ def until_eos(ids: list[int], eos_id: int) -> list[int]:
 # small helpers
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Fine-tuning's dropout, whatever pre-training used: attention reads the (shared) config, the rest are modules."""
+    """Fine-tuning's dropout, whatever pre-training used, everywhere HF T5 puts it (attention probabilities
+    too): attention reads the (shared) config, the rest are modules. Fine-tuning runs eager, on SDPA."""
     if not 0.0 <= p < 1.0:
         raise SystemExit(f"dropout={p} must be in [0, 1)")
-    model.cfg.dropout = p
+    model.cfg.dropout = model.cfg.attention_dropout = p
+    if model.cfg.attention == "flex" and p:  # FlexAttention cannot apply attention dropout
+        model.cfg.attention = "auto"
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = p

@@ -3,40 +3,38 @@ ablation at a time with rotary positions, grouped-query attention and Switch mix
 
 The big picture. The encoder reads the whole input bidirectionally; the decoder writes the output left to
 right, attending causally to itself and fully to the encoder output (cross-attention). With the default
-config ROT5 *is* T5 v1.0 (it loads Hugging Face T5 weights exactly, see `ROT5.from_hf_t5`); each config
-field below then changes one thing:
+config ROT5 *is* T5 v1.0 (it loads Hugging Face T5 weights exactly: hf_t5.py); each config field below
+then changes one thing:
 
     position="rope"      learned bucketed relative bias -> rotary embeddings in all three attentions
     n_kv_heads < n_heads multi-head -> grouped-query attention (Ainslie et al. 2023), smaller KV cache
     n_experts > 0        dense FFN -> Switch MoE FFN in every other layer (Fedus et al. 2021)
     ffn="gated-gelu", tie_embeddings=False   T5 v1.0 -> v1.1 (Shazeer 2020 GEGLU, untied output layer)
 
+One input layout. Every teacher-forced forward (training, evaluation, scoring) takes a `Batch` of rows with
+segment ids: a row holds one example (a padded row is one segment) or several (packed rows, ul2.py). Each
+attention keeps to its segment, positions restart in every segment. The cached decoding step (generate.py)
+is the only other path. Masks are built once per forward per stack, by the stack, and handed to its layers
+with the RoPE rotations (`Attn`); the kernel -- SDPA's dense masks, or FlexAttention's block masks -- is
+chosen from the config (`attention`), in one place (`use_flex`). Input checks (`check_batch`) run where
+batches enter, not in the forward, so that a compiled training step is one graph with no host sync.
+
 Map of the classes (top-down):
 
-    ROT5                 embed -> Encoder -> Decoder -> lm_head; loss, generate, from_hf_t5 / to_hf_t5, train_flops
-      Encoder            EncoderBlock x n_encoder_layers, one RelativePositionBias table, final RMSNorm
-        EncoderBlock     RMSNorm -> EncoderSelfAttention (bidirectional, padding mask) ; RMSNorm -> FFN | SwitchFFN
-      Decoder            DecoderBlock x n_decoder_layers, one RelativePositionBias table, final RMSNorm
-        DecoderBlock     RMSNorm -> DecoderSelfAttention (causal, KV cache) ; RMSNorm -> CrossAttention ;
-                         RMSNorm -> FFN | SwitchFFN
-      KVCache            one preallocated tensor for decoder self-attention + encoder K/V computed once
-                         (once per prompt: the beams of a prompt share it)
-      Unpadded           where the real tokens of a padded batch are: the stacks skip padding, attention
-                         alone works on padded (B, T) rows
-      stack_masks        packed rows (several examples per row, segment ids): the three attentions keep
-                         to their segment; SDPA masks, or FlexAttention block masks when compiled on CUDA
-
-Speed (BENCHMARKS.md): training rows are packed with several examples (ul2.py), and eager runs skip the
-remaining padding: everything but attention runs on real tokens only; generation encodes once, projects
-the cross-attention K/V once per prompt, and writes one position per step into a preallocated cache.
+    ROT5             embed -> Encoder -> Decoder -> output layer; loss, router statistics, decode_step
+      Encoder        EncoderBlock x n_encoder_layers: RMSNorm -> EncoderSelfAttention ; RMSNorm -> FFN | SwitchFFN
+      Decoder        DecoderBlock x n_decoder_layers: RMSNorm -> DecoderSelfAttention (causal, KV cache) ;
+                     RMSNorm -> CrossAttention ; RMSNorm -> FFN | SwitchFFN
+      KVCache        decoder self-attention K/V written in place + encoder K/V computed once per prompt
 
 Details that matter for exactness:
 - Attention is softmax(q k^T + bias) v with NO 1/sqrt(head_dim): T5 folds that factor into the init of the
   query projection (std (d_model * head_dim)**-0.5). ROT5 keeps this convention for RoPE too, so that
   every ablation changes one thing only.
 - Pre-norm residual blocks with T5's RMSNorm (no mean, no bias, variance in fp32), a final norm per stack,
-  and dropout where HF T5 puts it: embeddings, attention probabilities, FFN hidden, each sublayer output,
-  and after the final norm.
+  and dropout where HF T5 puts it: embeddings, FFN hidden, each sublayer output, after the final norm
+  (`dropout`), and on the attention probabilities (`attention_dropout`, its own key: FlexAttention cannot
+  apply it, and T5 v1.1 pre-trained without dropout).
 - Tied embeddings (v1.0) scale the decoder output by d_model**-0.5 before the shared output matrix.
 - MoE layers are the odd-numbered ones, 1, 3, 5, ... (0-based), in both stacks; `expert_load` lists the
   encoder's MoE layers first, then the decoder's.
@@ -71,7 +69,10 @@ class ROT5Config:
     moe_top_k: int = 1
     aux_loss_coef: float = 1e-2  # Switch eq. 4; 0 turns it off
     z_loss_coef: float = 1e-3    # ST-MoE router z-loss; 0 turns it off
-    dropout: float = 0.1
+    dropout: float = 0.1         # embeddings, FFN hidden, sublayer outputs, final norms
+    attention_dropout: float = 0.0  # attention probabilities: HF T5 drops them at dropout_rate (from_hf_t5
+                                 # keeps that); 0 lets compiled CUDA runs take FlexAttention, which cannot
+    attention: str = "auto"      # kernel: "sdpa" | "flex" | "auto" (flex when compiled on CUDA: use_flex)
     rope_theta: float = 10000.0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -94,12 +95,12 @@ class ROT5Config:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
                              "(grouped-query attention)")
-        if self.position not in ("t5", "rope"):
-            raise ValueError(f"position must be 't5' or 'rope', got {self.position!r}")
+        choices = {"position": ("t5", "rope"), "ffn": ("relu", "gated-gelu"), "attention": ("auto", "sdpa", "flex")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' rotates pairs of features: head_dim must be even, got {self.head_dim}")
-        if self.ffn not in ("relu", "gated-gelu"):
-            raise ValueError(f"ffn must be 'relu' or 'gated-gelu', got {self.ffn!r}")
         if self.n_experts < 0:
             raise ValueError(f"n_experts must be >= 0 (0 = dense FFN), got {self.n_experts}")
         if self.n_experts and self.moe_top_k > self.n_experts:
@@ -107,29 +108,140 @@ class ROT5Config:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention == "flex" and self.attention_dropout:
+            raise ValueError(f"attention='flex' cannot apply attention_dropout={self.attention_dropout}: set "
+                             "attention_dropout=0, or attention='auto' (SDPA where dropout is on)")
         for name in ("pad_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, vocab_size={self.vocab_size})")
 
 
-class ROT5Output(NamedTuple):
-    loss: Tensor | None          # LM cross-entropy only, fp32, mean over labels != -100
-    logits: Tensor | None        # (B, T, V); None when labels are given (loss computed on label positions only)
-    aux_loss: Tensor             # coef-weighted load-balancing loss summed over MoE layers (0. if dense/off)
-    z_loss: Tensor               # coef-weighted router z-loss summed over MoE layers (0. if dense/off)
-    expert_load: Tensor | None   # (n_moe_layers, n_experts): fraction of (non-pad) tokens routed to each expert
+# ----------------------------------------------------------------------------------------------------------
+# The input: rows with segment ids
 
 
-class MoEStats(NamedTuple):
-    aux_loss: Tensor             # () Switch eq. 4, coef-weighted
-    z_loss: Tensor               # () ST-MoE eq. 5, coef-weighted
-    load: Tensor                 # (n_experts,) f_i, sums to 1
+class Batch(NamedTuple):
+    """ROT5.forward's input: teacher-forced rows holding one or several examples each. Example k (k >= 1) is
+    segment k on both sides, in whichever encoder row and decoder row it lands; 0 marks padding. T5 packs
+    several examples per row so that no compute goes to padding (seqio's trim_and_pack); ul2.pack_examples
+    builds such rows, with the two sides packed apart."""
+    input_ids: Tensor                   # (B_enc, S)
+    segment_ids: Tensor                 # (B_enc, S)
+    decoder_input_ids: Tensor           # (B_dec, T): each example's labels shifted right (shift_right)
+    decoder_segment_ids: Tensor         # (B_dec, T)
+    labels: Tensor | None = None        # (B_dec, T): targets, -100 where there is none; None: no loss
+    cross_index: Tensor | None = None   # (B_dec, X): the flat encoder positions b' * S + s decoder row b reads,
+                                        # its examples' inputs back to back, -1 after; None: row b reads row b
+
+    def to(self, device, non_blocking: bool = True) -> Batch:
+        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
+
+    def mark_dynamic(self) -> Batch:
+        """For torch.compile: packed batches' row counts and gathered key width vary from one micro-batch to
+        the next. Marked dynamic, the step compiles once with symbolic sizes instead of at each new size."""
+        for t in self:
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if self.cross_index is not None:
+            torch._dynamo.maybe_mark_dynamic(self.cross_index, 1)
+        return self
+
+
+def shift_right(labels: Tensor, segment_ids: Tensor, pad_id: int) -> Tensor:
+    """Teacher forcing's decoder inputs: each segment's labels one step right after the start token, which is
+    T5's pad: [pad, y_0, .., y_{n-2}] per segment; pad where labels are -100."""
+    dec = torch.cat([labels.new_full((len(labels), 1), pad_id), labels[:, :-1]], dim=1)
+    dec[:, 1:].masked_fill_(segment_ids[:, 1:] != segment_ids[:, :-1], pad_id)
+    return dec.masked_fill(dec == -100, pad_id)
+
+
+def padded_batch(cfg: ROT5Config, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                 decoder_input_ids: Tensor | None = None) -> Batch:
+    """Hugging Face's layout -- one example per row, right-padded -- as a checked Batch: a row is one segment,
+    on the decoder side up to its last label (decoder_input_ids alone: the whole row)."""
+    check_ids(input_ids, "input_ids", cfg.vocab_size)
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    if labels is None and decoder_input_ids is None:
+        raise ValueError("pass decoder_input_ids or labels (decoder inputs are labels shifted right)")
+    segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    if labels is not None:
+        check_ids(labels, "labels", cfg.vocab_size, allow_ignore=True)
+        decoder_segment_ids = ((labels != -100).flip(1).cumsum(1).flip(1) > 0).long()   # up to the last label
+    else:
+        decoder_segment_ids = torch.ones_like(decoder_input_ids)
+    if decoder_input_ids is None:
+        decoder_input_ids = shift_right(labels, decoder_segment_ids, cfg.pad_token_id)
+    batch = Batch(input_ids, segment_ids, decoder_input_ids, decoder_segment_ids, labels)
+    check_batch(batch, cfg)
+    return batch
+
+
+def check_ids(ids: Tensor, name: str, vocab_size: int, allow_ignore: bool = False) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an int64 tensor of token ids, got {what}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must have shape (batch, length) with length > 0, got {tuple(ids.shape)}")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if allow_ignore:
+        valid |= ids == -100
+    if not valid.all():
+        bad = ids[~valid][0].item()
+        raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size})"
+                         f"{' (or -100 = ignore)' if allow_ignore else ''}: tokenizer and model config disagree")
+
+
+def check_batch(batch: Batch, cfg: ROT5Config) -> None:
+    """Every one-line error a bad Batch gets. ROT5.forward does not run these: each reads a value back to the
+    host, which on a GPU waits for the device to go idle, and under torch.compile splits the graph. They run
+    where batches enter instead: train.py and finetune.py check each micro-batch on the CPU before moving it,
+    padded_batch and generate.py check theirs."""
+    check_ids(batch.input_ids, "input_ids", cfg.vocab_size)
+    check_ids(batch.decoder_input_ids, "decoder_input_ids", cfg.vocab_size)
+    labels, seg, dseg, cross = batch.labels, batch.segment_ids, batch.decoder_segment_ids, batch.cross_index
+    if labels is not None:
+        check_ids(labels, "labels", cfg.vocab_size, allow_ignore=True)
+        if labels.shape != batch.decoder_input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
+                             f"{tuple(batch.decoder_input_ids.shape)} must have the same shape")
+        if (labels == -100).all():  # the mean over no tokens is NaN
+            raise ValueError("labels are all -100 (ignored): a batch needs at least one token to predict")
+    for name, s, ids in (("segment_ids", seg, batch.input_ids), ("decoder_segment_ids", dseg, batch.decoder_input_ids)):
+        if not isinstance(s, Tensor) or s.dtype not in (torch.int64, torch.int32) or s.shape != ids.shape:
+            raise ValueError(f"{name} must be an int tensor shaped like its token ids {tuple(ids.shape)}")
+        if (s < 0).any():
+            raise ValueError(f"{name} must be >= 0 (0 = padding, k = example k of the batch)")
+    empty = seg.max(1).values == 0
+    if empty.any():  # its cross-attention would have nothing to attend to: no defined output
+        raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding: every input needs at least one real "
+                         "token; drop empty rows")
+    read = seg                                       # the encoder segment ids each decoder row reads
+    if cross is not None:
+        if (not isinstance(cross, Tensor) or cross.dtype not in (torch.int64, torch.int32) or cross.dim() != 2
+                or len(cross) != len(dseg)):
+            raise ValueError(f"cross_index must be an int tensor with one row per decoder row ({len(dseg)})")
+        if ((cross < -1) | (cross >= seg.numel())).any():
+            raise ValueError(f"cross_index must hold encoder positions in [0, {seg.numel()}) or -1")
+        read = read_segments(seg, cross)
+    elif len(seg) != len(dseg):
+        raise ValueError(f"{len(dseg)} decoder rows read {len(seg)} encoder rows: pass cross_index "
+                         "(ul2.pack_examples makes it) or one decoder row per encoder row")
+    n = int(torch.maximum(read.max(), dseg.max())) + 1
+    present = torch.zeros(len(read), n, dtype=torch.bool, device=read.device)
+    present.scatter_(1, read.long(), True)
+    present[:, 0] = True   # decoder padding
+    if not present.gather(1, dseg.long()).all():
+        raise ValueError("a decoder segment has no encoder segment with its id where its row reads: example k "
+                         "must be segment k on both sides, and cross_index must list its encoder positions")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building blocks: norm, positions, attention kernel
+# Building blocks: norm, positions
 
 
 class RMSNorm(nn.Module):
@@ -180,8 +292,8 @@ class RelativePositionBias(nn.Module):
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin of the rotation angles pos * theta_i, theta_i = theta**(-2i/d) (RoFormer, Su et al. 2021, eq. 15).
-    pos: (T,) -> cos, sin: (T, head_dim) in fp32 (angles of large positions need fp32); packed rows give
-    per-token positions (B, T) -> (B, 1, T, head_dim), which broadcasts over the heads of (B, H, T, Dh)."""
+    pos: (T,) -> cos, sin: (T, head_dim) in fp32 (angles of large positions need fp32); per-token positions
+    (B, T) -> (B, 1, T, head_dim), which broadcasts over the heads of (B, H, T, Dh)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.float()[..., None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)
@@ -199,67 +311,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | FlexMask | None, is_causal: bool,
-           dropout: float) -> Tensor:
-    """softmax(q k^T + mask) v with T5's scale = 1. q: (B, H, Tq, Dh); k, v: (B, Hkv, Tk, Dh), Hkv divides H;
-    query head h reads K/V head h // (H / Hkv) (GQA, Ainslie et al. 2023). mask: additive float (bias and
-    -inf-like entries) or bool (True = attend), broadcastable to (B, H, Tq, Tk), for SDPA; or a FlexMask
-    (see `stack_masks`). Returns (B, Tq, H*Dh)."""
-    B, H, Tq, Dh = q.shape
-    if isinstance(mask, FlexMask):  # no attention dropout here: use_flex only picks Flex without it
-        # (contiguous: inductor's CPU template reads q/k/v as 4-d buffers; on CUDA the copy fuses into rope)
-        y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=mask.score_mod,
-                           block_mask=mask.block_mask, scale=1.0, enable_gqa=H != k.shape[1])
-        return y.transpose(1, 2).flatten(2)
-    groups = H // k.shape[1]
-    if groups > 1 and mask is not None:
-        if mask.shape[1] == 1 and mask.shape[2] == 1 and not is_causal:
-            # one mask row for all heads and queries (padding only): the `groups` query heads that share a
-            # K/V head are just more queries of it, (B, H, Tq, Dh) -> (B, Hkv, groups * Tq, Dh); no K/V copy
-            q = q.reshape(B, H // groups, groups * Tq, Dh)
-        else:  # SDPA's enable_gqa is exact, but with a mask CUDA falls back to the slow math kernel: expand
-            k = k[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
-            v = v[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                       scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-    return y.reshape(B, H, Tq, Dh).transpose(1, 2).flatten(2)
-
-
-def split_qkv(qkv: Tensor, cfg: ROT5Config) -> tuple[Tensor, Tensor, Tensor]:
-    """fused projection (B, T, (H + 2 Hkv) Dh) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh)."""
-    B, T, _ = qkv.shape
-    H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-    return (q.view(B, T, H, Dh).transpose(1, 2), k.view(B, T, Hkv, Dh).transpose(1, 2),
-            v.view(B, T, Hkv, Dh).transpose(1, 2))
-
-
-def mask_dtype(x: Tensor) -> torch.dtype:
-    """dtype SDPA will see for q under autocast: float masks must match it."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """(B, T) segment ids (examples contiguous) -> each token's position in its segment, 0, 1, 2, ...
+    restarting wherever the id changes. Within one segment, row offsets differ by the same i - j as positions
+    do, so T5's relative bias needs only the row offsets; RoPE rotates with these."""
+    col = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return col - torch.where(starts, col, 0).cummax(1).values
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Packed rows. T5 never trains on padding: seqio's trim_and_pack puts several (inputs, targets) examples in
-# one row. ROT5 packs the encoder rows and the decoder rows apart (UL2's inputs are ~1.6x its targets, and
-# rows that held the same examples on both sides would fill one side to 1.6 / 2 of the other at 512 / 256),
-# so an example is segment k of the micro-batch on both sides, in whichever rows it landed (ul2.py builds
-# them). Every attention keeps to its segment -- encoder self: same segment; decoder self: same segment and
-# causal; cross: decoder segment k reads encoder segment k only -- and positions restart at 0 in every
-# segment. Cross-attention first gathers, for each decoder row, the encoder positions its examples read
-# (cross_index): K/V rows of their own. Within one segment, row offsets differ by the same i - j as
-# positions do, so T5's relative bias is the unpacked (1, H, T, T) table as it is; RoPE rotates with the
-# per-segment positions (cross-attention compares decoder and encoder positions, in their own segments).
-# The masks are built once per forward per stack, in one of two forms:
-#   SDPA: a dense (B, 1, Tq, Tk) mask (bool, or the bias with -inf-like entries): eager runs, CPU, dropout;
+# Masks and the attention kernel. Every attention keeps to its segment -- encoder self: same segment; decoder
+# self: same segment and causal; cross: decoder segment k reads encoder segment k only. A stack builds its
+# masks once per forward, in the form its kernel takes:
+#   SDPA: a dense (B, 1, Tq, Tk) mask (bool, or the T5 bias with -inf-like entries): eager, CPU, dropout;
 #   FlexAttention (Dong et al. 2024): a BlockMask from the segment ids, so blocks of other segments are
 #   skipped, not computed and masked, and the bias as a score_mod, so no (B, H, T, T) tensor exists. It
-#   compiles to one fused kernel; eager it is a slow reference, and on the CPU it has no backward. So it is
-#   used when compiling on CUDA without attention dropout (which Flex cannot apply), or when FLEX_ATTENTION
-#   forces it (tests and bench.py compare the two).
-
-FLEX_ATTENTION: bool | None = None   # None: automatic, as above; True / False: always / never
+#   compiles to one fused kernel; eager it is a slow reference, and on the CPU it has no backward.
 
 
 class FlexMask(NamedTuple):
@@ -267,20 +336,27 @@ class FlexMask(NamedTuple):
     score_mod: Callable | None   # (score, b, h, q, k) -> score + bias[h, q, k]; None without a bias
 
 
-def segment_positions(segment_ids: Tensor) -> Tensor:
-    """(B, T) segment ids (0 = padding, examples contiguous) -> each token's position in its segment,
-    0, 1, 2, ... restarting wherever the id changes."""
-    col = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return col - torch.where(starts, col, 0).cummax(1).values
+class Attn(NamedTuple):
+    """What one attention needs besides its input, built once per forward by its stack (the caller builds
+    the masks, as in nai-t5) and shared by all of the stack's layers."""
+    mask: Tensor | FlexMask | None    # SDPA: bool (True = attend) or additive float, broadcastable to
+                                      # (B, H, Tq, Tk); FlexAttention: block mask + score_mod; None: attend all
+    rope: tuple[Tensor, Tensor] | None   # cos, sin of the query positions (and of the keys, in self-attention)
+
+
+def use_flex(cfg: ROT5Config, x: Tensor, training: bool) -> bool:
+    """The kernel the config asks for. "auto": FlexAttention where it is fast and exact -- compiled on CUDA,
+    without attention dropout (which it cannot apply) -- else SDPA. (is_compiling is a constant when traced.)"""
+    if cfg.attention != "auto":
+        return cfg.attention == "flex"
+    return x.is_cuda and torch.compiler.is_compiling() and not (training and cfg.attention_dropout > 0)
 
 
 def same_segment(q_seg: Tensor, k_seg: Tensor, k: Tensor) -> Tensor:
-    """The rule of every packed attention, on segment ids and key positions k that broadcast (whole tensors
-    for SDPA, one (query, key) pair at a time in FlexAttention's mask_mod): a query attends the keys of its
-    own segment. A padding query (segment 0) attends key 0 alone: its output is never used, a softmax over
-    no key would be NaN in SDPA, and more keys would make FlexAttention compute every key block for the
+    """The rule of every teacher-forced attention, on segment ids and key positions k that broadcast (whole
+    tensors for SDPA, one (query, key) pair at a time in FlexAttention's mask_mod): a query attends the keys
+    of its own segment. A padding query (segment 0) attends key 0 alone: its output is never used, a softmax
+    over no key would be NaN in SDPA, and more keys would make FlexAttention compute every key block for the
     query blocks that end the rows."""
     return torch.where(q_seg > 0, q_seg == k_seg, k == 0)
 
@@ -291,24 +367,18 @@ def read_segments(seg: Tensor, index: Tensor) -> Tensor:
     return torch.where(index >= 0, seg.flatten()[index.clamp(min=0)], 0)
 
 
-def segment_allowed(q_seg: Tensor, k_seg: Tensor, causal: bool) -> Tensor:
-    """(B, Tq), (B, Tk) segment ids -> (B, 1, Tq, Tk) bool: query may attend key (same_segment, and not a
-    later key if causal)."""
-    k = torch.arange(k_seg.shape[1], device=k_seg.device)
-    allowed = same_segment(q_seg[:, :, None], k_seg[:, None, :], k)
-    if causal:
-        allowed &= torch.ones(q_seg.shape[1], k_seg.shape[1], dtype=torch.bool, device=q_seg.device).tril()
-    return allowed[:, None]
-
-
-def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None, flex: bool,
-                dtype: torch.dtype, k_index: Tensor | None = None) -> Tensor | FlexMask:
-    """The attention mask of one stack's layers for packed rows (or any rows, as FlexAttention): SDPA's dense
-    mask, the bias (1, H, Tq, Tk) added when given; or FlexAttention's block mask and score_mod. k_index
-    (B, Tk): the keys are the positions k_index of k_seg (read_segments; cross-attention of packed rows).
-    FlexAttention's mask_mod reads through it: inductor's CPU kernel takes only stored id tensors."""
+def segment_mask(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None, flex: bool,
+                 dtype: torch.dtype, k_index: Tensor | None = None) -> Tensor | FlexMask:
+    """The mask of one stack's attentions: SDPA's dense mask (the bias (1, H, Tq, Tk) added when given), or
+    FlexAttention's block mask and score_mod. k_index (B, Tk): the keys are the positions k_index of k_seg
+    (cross-attention of packed rows); FlexAttention's mask_mod reads through it, as inductor's CPU kernel
+    takes only stored id tensors."""
     if not flex:
-        allowed = segment_allowed(q_seg, k_seg if k_index is None else read_segments(k_seg, k_index), causal)
+        k_ids = k_seg if k_index is None else read_segments(k_seg, k_index)
+        allowed = same_segment(q_seg[:, :, None], k_ids[:, None, :], torch.arange(k_ids.shape[1], device=k_ids.device))
+        if causal:
+            allowed &= torch.ones(q_seg.shape[1], k_ids.shape[1], dtype=torch.bool, device=q_seg.device).tril()
+        allowed = allowed[:, None]
         return allowed if bias is None else bias.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def mask_mod(b, h, q, k):
@@ -322,43 +392,50 @@ def stack_masks(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None,
     return FlexMask(block_mask, score_mod)
 
 
-def use_flex(x: Tensor, training: bool, dropout: float) -> bool:
-    if FLEX_ATTENTION is not None:
-        return FLEX_ATTENTION
-    return x.is_cuda and torch.compiler.is_compiling() and not (training and dropout > 0)
+def mask_dtype(x: Tensor) -> torch.dtype:
+    """dtype SDPA will see for q under autocast: float masks must match it."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-class Unpadded(NamedTuple):
-    """Where the real tokens of a padded (B, T) batch are. Everything in a block but attention works token by
-    token, so the stacks can carry the (N, d) real tokens alone and skip the padding (about half of a UL2
-    batch); each attention puts them back into (B, T) rows around SDPA (`pad`) and takes them out after."""
-    index: Tensor   # (N,) flat positions b * T + t of the real tokens, in order
-    B: int
-    T: int
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | FlexMask | None, dropout: float) -> Tensor:
+    """softmax(q k^T + mask) v with T5's scale = 1. q: (B, H, Tq, Dh); k, v: (B, Hkv, Tk, Dh), Hkv divides H;
+    query head h reads K/V head h // (H / Hkv) (GQA, Ainslie et al. 2023). Returns (B, Tq, H*Dh)."""
+    B, H, Tq, Dh = q.shape
+    if isinstance(mask, FlexMask):  # (no dropout: ROT5Config and use_flex never pick Flex with it)
+        # (contiguous: inductor's CPU template reads q/k/v as 4-d buffers; on CUDA the copy fuses into rope)
+        y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=mask.score_mod,
+                           block_mask=mask.block_mask, scale=1.0, enable_gqa=H != k.shape[1])
+        return y.transpose(1, 2).flatten(2)
+    groups = H // k.shape[1]
+    if groups > 1 and mask is not None:
+        if mask.shape[1] == 1 and mask.shape[2] == 1:
+            # one mask row for all heads and queries (the prompts' padding, when decoding): the `groups` query
+            # heads that share a K/V head are just more queries of it, (B, H, Tq, Dh) -> (B, Hkv, groups Tq, Dh)
+            q = q.reshape(B, H // groups, groups * Tq, Dh)
+        else:  # SDPA's enable_gqa is exact, but with a mask CUDA falls back to the slow math kernel: expand
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return y.reshape(B, H, Tq, Dh).transpose(1, 2).flatten(2)
 
-    @staticmethod
-    def of(keep: Tensor) -> Unpadded | None:
-        """keep: (B, T) bool, True at the tokens to keep. None when nothing would be skipped."""
-        index = keep.flatten().nonzero().squeeze(1)
-        return None if len(index) == keep.numel() else Unpadded(index, *keep.shape)
 
-    def pad(self, x: Tensor) -> Tensor:
-        """(N, C) -> (B, T, C), zeros at padding."""
-        return x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.index, x).view(self.B, self.T, -1)
-
-    def unpad(self, x: Tensor) -> Tensor:
-        """(B, T, ...) -> (N, ...)."""
-        return x.flatten(0, 1)[self.index]
+def split_heads(x: Tensor, *heads: int) -> list[Tensor]:
+    """Fused projection (B, T, (h1 + h2 + ...) Dh) -> (B, h1, T, Dh), (B, h2, T, Dh), ..."""
+    B, T, C = x.shape
+    Dh = C // sum(heads)
+    return [part.view(B, T, h, Dh).transpose(1, 2) for part, h in zip(x.split([h * Dh for h in heads], -1), heads)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The three attentions. Deliberately three small modules rather than one with modes: they differ in
-# masking (padding / causal / padding), in positions (both sides from one sequence vs. decoder query and
-# encoder key) and in caching (none / grows one token per step / computed once per sequence).
+# masking (segment / causal segment / segment across sides), in positions (both sides from one sequence vs.
+# decoder query and encoder key) and in caching (none / grows one token per step / computed once per prompt).
 
 
 class EncoderSelfAttention(nn.Module):
-    """Bidirectional: every input token attends to every non-pad input token. Runs once; no cache."""
+    """Bidirectional: every input token attends to every token of its example."""
 
     def __init__(self, cfg: ROT5Config):
         super().__init__()
@@ -366,47 +443,37 @@ class EncoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                unpadded: Unpadded | None = None) -> Tensor:
-        """x: (B, T, d), or the (N, d) real tokens of a batch that `unpadded` describes (output alike)."""
-        qkv = self.qkv(x)
-        q, k, v = split_qkv(qkv if unpadded is None else unpadded.pad(qkv), self.cfg)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attend(q, k, v, mask, False, self.cfg.dropout if self.training else 0.0)
-        return self.o(y if unpadded is None else unpadded.unpad(y))
+    def forward(self, x: Tensor, attn: Attn) -> Tensor:
+        q, k, v = split_heads(self.qkv(x), self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads)
+        if attn.rope is not None:
+            q, k = apply_rope(q, *attn.rope), apply_rope(k, *attn.rope)
+        return self.o(attend(q, k, v, attn.mask, self.cfg.attention_dropout if self.training else 0.0))
 
 
 class DecoderSelfAttention(nn.Module):
     """Causal: output token i attends to output tokens <= i. When generating, the keys/values of earlier
-    tokens come from the cache (B, Hkv, max_len, Dh); only the new token's K/V are computed and written in."""
+    tokens come from the cache; only the new tokens' K/V are computed and written in (KVCache.update)."""
 
-    def __init__(self, cfg: ROT5Config):
+    def __init__(self, cfg: ROT5Config, layer: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
-                cache: Tensor | None, start: int, unpadded: Unpadded | None = None) -> Tensor:
-        """x: (B, T, d), or (N, d) real tokens with `unpadded` (training only: never with a cache)."""
-        qkv = self.qkv(x)
-        q, k, v = split_qkv(qkv if unpadded is None else unpadded.pad(qkv), self.cfg)
-        if rope is not None:  # keys are cached already rotated: their absolute position never changes
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # cache: (2, B, Hkv, max_len, Dh), this layer's slice of KVCache.self_kv
-            end = start + x.shape[1]
-            cache[0, :, :, start:end], cache[1, :, :, start:end] = k, v
-            k, v = cache[0, :, :, :end], cache[1, :, :, :end]
-        y = attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0)
-        return self.o(y if unpadded is None else unpadded.unpad(y))
+    def forward(self, x: Tensor, attn: Attn, cache: KVCache | None) -> Tensor:
+        q, k, v = split_heads(self.qkv(x), self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads)
+        if attn.rope is not None:  # keys are cached already rotated: their position never changes
+            q, k = apply_rope(q, *attn.rope), apply_rope(k, *attn.rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return self.o(attend(q, k, v, attn.mask, self.cfg.attention_dropout if self.training else 0.0))
 
 
 class CrossAttention(nn.Module):
-    """Decoder queries attend to the encoder output. K/V depend only on the encoder output, so generation
-    computes them once per sequence (`project_kv`). With RoPE the query is rotated with its decoder
-    position i and the key with its encoder position j, so the score depends on i - j (as T5's relative
-    bias would; T5 itself has no position signal in cross-attention)."""
+    """Decoder queries attend to the encoder output. K/V depend only on the encoder output, so they are
+    projected once per forward (or per prompt, when generating: `project_kv`). With RoPE the query is
+    rotated with its decoder position i and the key with its encoder position j, so the score depends on
+    i - j (as T5's relative bias would; T5 itself has no position signal in cross-attention)."""
 
     def __init__(self, cfg: ROT5Config):
         super().__init__()
@@ -415,41 +482,38 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, unpadded: Unpadded | None = None,
-                   cross_index: Tensor | None = None) -> Tensor:
-        """enc: (B, S, d_model), or (N, d_model) real tokens with `unpadded` -> (2, B, Hkv, S, Dh), keys rotated
-        with encoder positions. Packed rows: cross_index (B_dec, X) picks each decoder row's encoder positions
-        -> (2, B_dec, Hkv, X, Dh) (projected once per encoder token, then gathered: X counts padding)."""
+    def project_kv(self, enc: Tensor, rope: tuple[Tensor, Tensor] | None, cross_index: Tensor | None) -> Tensor:
+        """enc: (B, S, d_model) -> (2, B, Hkv, S, Dh), keys rotated with their encoder positions. Packed rows:
+        cross_index (B_dec, X) picks each decoder row's encoder positions -> (2, B_dec, Hkv, X, Dh), projected
+        once per encoder token, then gathered (-1 reads position 0, which the mask hides)."""
         kv = self.kv(enc)
-        kv = kv if unpadded is None else unpadded.pad(kv)
-        if cross_index is not None:  # (B, S, C) -> (B_dec, X, C); -1 reads position 0, which the mask hides
+        if cross_index is not None:
             kv = kv.flatten(0, 1)[cross_index.clamp(min=0)]
-        B, S, _ = kv.shape
-        k, v = kv.view(B, S, 2, self.cfg.n_kv_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        return torch.stack([k, v])
+        k, v = split_heads(kv, self.cfg.n_kv_heads, self.cfg.n_kv_heads)
+        return torch.stack([k if rope is None else apply_rope(k, *rope), v])
 
-    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                unpadded: Unpadded | None = None) -> Tensor:
-        """x: (B, T, d), or (N, d) real tokens with `unpadded`; kv: (2, B', Hkv, S, Dh) from project_kv, where B'
-        may be B / K in beam search: the K beams of a prompt (rows b*K .. b*K+K-1) share one copy."""
-        q = self.q(x)
-        q = q if unpadded is None else unpadded.pad(q)
-        B, T, _ = q.shape
-        q = q.view(B, T, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 2)
-        if rope is not None:
-            q = apply_rope(q, *rope)
+    def forward(self, x: Tensor, kv: Tensor, attn: Attn) -> Tensor:
+        """kv: (2, B', Hkv, S, Dh) from project_kv, where B' may be B / K in beam search: the K beams of a
+        prompt (rows b*K .. b*K+K-1) share one copy."""
+        (q,) = split_heads(self.q(x), self.cfg.n_heads)
+        if attn.rope is not None:
+            q = apply_rope(q, *attn.rope)
+        B, H, T, Dh = q.shape
         prompts = kv.shape[1]
         if prompts != B:  # beams of one prompt = more queries of that prompt: (B, H, T, Dh) -> (B', H, K T, Dh)
-            q = q.view(prompts, B // prompts, *q.shape[1:]).transpose(1, 2).flatten(2, 3)
-        y = attend(q, kv[0], kv[1], mask, False, self.cfg.dropout if self.training else 0.0)
-        y = y.reshape(B, T, -1)  # (B', K T, H Dh) -> (B, T, H Dh); a no-op without beams
-        return self.o(y if unpadded is None else unpadded.unpad(y))
+            q = q.view(prompts, B // prompts, H, T, Dh).transpose(1, 2).flatten(2, 3)
+        y = attend(q, kv[0], kv[1], attn.mask, self.cfg.attention_dropout if self.training else 0.0)
+        return self.o(y.reshape(B, T, -1))  # (B', K T, H Dh) -> (B, T, H Dh); a no-op without beams
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Feed-forward: dense, and the Switch mixture of experts
+
+# The Switch FFN reads how many tokens each expert got (one host read per MoE layer) to give each expert one
+# batched matmul. This lets torch.compile trace those counts as symbolic sizes, so the MoE step is one graph
+# too, instead of breaking the graph at each MoE layer. (It only matters where a compiled graph reads a
+# tensor's value, which nothing else in ROT5 does.)
+torch._dynamo.config.capture_scalar_outputs = True
 
 
 class FFN(nn.Module):
@@ -472,54 +536,67 @@ class FFN(nn.Module):
         return self.wo(self.dropout(h))
 
 
+class MoEStats(NamedTuple):
+    aux_loss: Tensor             # () Switch eq. 4, coef-weighted
+    z_loss: Tensor               # () ST-MoE eq. 5, coef-weighted
+    load: Tensor                 # (n_experts,) f_i, sums to 1
+
+
 class SwitchFFN(nn.Module):
     """Switch Transformer FFN (Fedus et al. 2021, sec. 2.1): a router picks, per token, the top-k of
     n_experts FFNs; the output is the gate-weighted sum of their outputs. Dropless: every token is processed
     (no capacity factor); assignments are sorted by expert so that each expert runs one batched matmul.
-    Load balancing uses f_i = share of the k * n_tokens assignments that go to expert i (Switch's
-    fraction of tokens for k = 1); it is minimal, = aux_loss_coef, under uniform routing for any k."""
+    The router's logits and choices are kept (`routing`) for `stats`, which the model computes over the real
+    tokens once the stacks have run."""
 
     def __init__(self, cfg: ROT5Config):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FFN(cfg) for _ in range(cfg.n_experts))
+        self.routing: tuple[Tensor, Tensor] | None = None   # the last forward's (logits (N, E), experts (N, k))
 
-    def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, MoEStats]:
-        """x: (B, T, d) or (N, d); token_mask: x's shape without d, bool, False for pad tokens (routed, but left
-        out of the router statistics) or None."""
-        cfg, shape = self.cfg, x.shape
-        E, k = cfg.n_experts, cfg.moe_top_k
-        x = x.reshape(-1, shape[-1])
+    def forward(self, x: Tensor) -> Tensor:
+        E, k = self.cfg.n_experts, self.cfg.moe_top_k
+        flat = x.reshape(-1, x.shape[-1])
         # router in fp32: bf16 logits make the softmax and z-loss unstable (Switch sec. 2.4)
-        logits = F.linear(x.float(), self.router.weight.float())          # (N, E)
-        probs = logits.softmax(dim=-1)
-        gate, expert = probs.topk(k, dim=-1)                               # (N, k)
+        logits = F.linear(flat.float(), self.router.weight.float())        # (N, E)
+        gate, expert = logits.softmax(dim=-1).topk(k, dim=-1)              # (N, k)
         if k > 1:  # top-k: renormalised; top-1 keeps the raw p_i(x), so the router gets a gradient (sec. 2.1)
             gate = gate / gate.sum(dim=-1, keepdim=True)
+        self.routing = (logits, expert)
 
-        flat_expert = expert.flatten()                                     # (N k,) assignment a -> expert
-        order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=E).tolist()         # one host sync per layer
-        y = torch.zeros_like(x)
-        for e, tok, g in zip(self.experts, (order // k).split(counts), gate.flatten()[order].split(counts)):
-            if len(tok):  # (n_e, d) rows of the tokens routed to expert e, weighted by their gate
-                y.index_add_(0, tok, (e(x.index_select(0, tok)) * g[:, None]).to(y.dtype))
+        assignment = expert.flatten()                                      # (N k,) assignment a -> expert
+        order = assignment.argsort(stable=True)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, assignment,
+                                                                              torch.ones_like(assignment))
+        sizes = counts.tolist()                                            # one host read per layer
+        y = torch.zeros_like(flat)
+        for e, tok, g in zip(self.experts, (order // k).split(sizes), gate.flatten()[order].split(sizes)):
+            # (n_e, d) rows of the tokens routed to expert e, weighted by their gate
+            y = y.index_add(0, tok, (e(flat.index_select(0, tok)) * g[:, None]).to(y.dtype))
+        return y.view_as(x)
 
-        # router statistics over real tokens only: weight w = 0 at padding
-        w = torch.ones(len(x), device=x.device) if token_mask is None else token_mask.reshape(-1).float()
+    def stats(self, tokens: Tensor) -> MoEStats:
+        """Router statistics of the last forward over its real tokens (tokens: x's shape without d, True at real
+        ones). Load balancing uses f_i = share of the k * n_tokens assignments that go to expert i (Switch's
+        fraction of tokens for k = 1); it is minimal, = aux_loss_coef, under uniform routing for any k."""
+        cfg, (logits, expert) = self.cfg, self.routing
+        E, k = cfg.n_experts, cfg.moe_top_k
+        w = tokens.reshape(-1).float()
         n = w.sum().clamp(min=1.0)
-        load = (F.one_hot(expert, E).sum(1).float() * w[:, None]).sum(0) / (n * k)  # f_i (E,), sums to 1
+        # f_i (E,), sums to 1 (a scatter, not one_hot: one_hot reads the ids' range back to the host)
+        load = torch.zeros(E, device=w.device).scatter_add_(0, expert.flatten(), w.repeat_interleave(k)) / (n * k)
         aux = z = logits.new_zeros(())
         if cfg.aux_loss_coef:  # Switch eq. 4: alpha * E * sum_i f_i P_i, P_i = mean router probability of i
-            aux = cfg.aux_loss_coef * E * (load * (probs * w[:, None]).sum(0) / n).sum()
+            aux = cfg.aux_loss_coef * E * (load * (logits.softmax(-1) * w[:, None]).sum(0) / n).sum()
         if cfg.z_loss_coef:    # ST-MoE eq. 5: beta * mean over tokens of logsumexp(router logits)^2
             z = cfg.z_loss_coef * (torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / n
-        return y.reshape(shape), MoEStats(aux, z, load)
+        return MoEStats(aux, z, load)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Blocks and stacks
+# Blocks, the KV cache, the stacks
 
 
 class EncoderBlock(nn.Module):
@@ -528,54 +605,51 @@ class EncoderBlock(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), EncoderSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwitchFFN(cfg) if moe else FFN(cfg)
-        self.moe, self.dropout = moe, nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
-                token_mask: Tensor | None, stats: list[MoEStats], unpadded: Unpadded | None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, unpadded))
-        return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
+    def forward(self, x: Tensor, attn: Attn) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), attn))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ROT5Config, moe: bool):
+    def __init__(self, cfg: ROT5Config, moe: bool, layer: int):
         super().__init__()
-        self.self_norm, self.self_attn = RMSNorm(cfg.d_model, cfg.norm_eps), DecoderSelfAttention(cfg)
+        self.self_norm, self.self_attn = RMSNorm(cfg.d_model, cfg.norm_eps), DecoderSelfAttention(cfg, layer)
         self.cross_norm, self.cross_attn = RMSNorm(cfg.d_model, cfg.norm_eps), CrossAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwitchFFN(cfg) if moe else FFN(cfg)
-        self.moe, self.dropout = moe, nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, self_mask: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
-                cache: Tensor | None, start: int, cross_kv: Tensor, cross_mask: Tensor | None,
-                token_mask: Tensor | None, stats: list[MoEStats], unpadded: Unpadded | None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.self_norm(x), self_mask, is_causal, rope, cache, start, unpadded))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_mask, rope, unpadded))
-        return x + self.dropout(ffn_forward(self, self.ffn_norm(x), token_mask, stats))
-
-
-def ffn_forward(block: EncoderBlock | DecoderBlock, x: Tensor, token_mask: Tensor | None,
-                stats: list[MoEStats]) -> Tensor:
-    """The block's FFN; a MoE layer also appends its router statistics to the stack's `stats`."""
-    if not block.moe:
-        return block.ffn(x)
-    y, s = block.ffn(x, token_mask)
-    stats.append(s)
-    return y
+    def forward(self, x: Tensor, self_attn: Attn, cross_kv: Tensor, cross_attn: Attn, cache: KVCache | None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.self_norm(x), self_attn, cache))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_kv, cross_attn))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 @dataclass
 class KVCache:
-    """Decoder state while generating. self_kv is allocated once and written in place, one position per
-    step; cross_kv holds the encoder keys/values of every decoder layer, computed once per prompt (its beams
-    share them). K/V keep n_kv_heads heads: GQA's memory saving is exactly here. Beam search trades memory
-    for speed: `spare` doubles the self-attention cache."""
-    self_kv: Tensor   # (n_decoder_layers, 2, B, n_kv_heads, max_len, head_dim)
-    cross_kv: Tensor  # (n_decoder_layers, 2, B or B / beams, n_kv_heads, S, head_dim)
-    length: int = 0   # decoder positions filled = position of the next decoder token
-    spare: Tensor | None = None  # beam search: the buffer `reorder` gathers into
+    """Decoder state while generating (gpt-fast's KVCache, for an encoder-decoder). self_kv is allocated once
+    and written in place, one position per step; cross_kv holds the encoder keys/values of every decoder
+    layer, computed once per prompt (its beams share them). K/V keep n_kv_heads heads: GQA's memory saving
+    is exactly here. Beam search trades memory for speed: `spare` doubles the self-attention cache."""
+    self_kv: Tensor                 # (n_decoder_layers, 2, B, n_kv_heads, max_len, head_dim)
+    cross_kv: Tensor                # (n_decoder_layers, 2, B or B / beams, n_kv_heads, S, head_dim)
+    cross_mask: Tensor | None       # (B or B / beams, 1, 1, S) bool: the prompts' real tokens; None: no padding
+    length: int = 0                 # decoder positions filled = position of the next decoder token
+    spare: Tensor | None = None     # beam search: the buffer `reorder` gathers into
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new positions' K/V (B, Hkv, T, Dh) of `layer` at self.length..; all filled positions' K/V."""
+        end = self.length + k.shape[2]
+        if end > self.self_kv.shape[4]:
+            raise ValueError(f"KV cache holds {self.self_kv.shape[4]} positions, decoding needs {end}")
+        kv = self.self_kv[layer]
+        kv[0, :, :, self.length:end], kv[1, :, :, self.length:end] = k, v
+        return kv[0, :, :, :end], kv[1, :, :, :end]
 
     def reorder(self, index: Tensor) -> None:
-        """beam search: row b of the cache becomes row index[b] (beams of one prompt share cross_kv).
+        """Beam search: row b of the cache becomes row index[b] (beams of one prompt share cross_kv).
         Gathers into a spare buffer and swaps the two: no allocation and no copy back per step (3-4x
         faster on the CPU than an in-place gather of the filled positions)."""
         if self.spare is None:
@@ -593,26 +667,16 @@ class Encoder(nn.Module):
                                     for i in range(cfg.n_encoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None, stats: list[MoEStats],
-                unpadded: Unpadded | None = None, segment_ids: Tensor | None = None, flex: bool = False) -> Tensor:
-        """x: (B, S, d) embedded input, or its (N, d) real tokens with `unpadded` (output alike);
-        attention_mask: (B, S) bool, False at padding, or None; segment_ids: (B, S) for packed rows, or None."""
-        S = x.shape[1] if unpadded is None else unpadded.T
-        pos = torch.arange(S, device=x.device)
-        bias = None if self.relative_bias is None else self.relative_bias(pos, pos)  # (1, H, S, S), all layers
-        rope = None if bias is not None else rope_cos_sin(pos if segment_ids is None else segment_positions(segment_ids),
-                                                          self.cfg.head_dim, self.cfg.rope_theta)
-        if segment_ids is not None:  # packed rows (or FlexAttention, to which a padded row is one segment)
-            mask = stack_masks(segment_ids, segment_ids, False, bias, flex, mask_dtype(x))
-        else:  # one example per row: a key padding mask (B, 1, 1, S), broadcast over the queries
-            mask = None if attention_mask is None else attention_mask[:, None, None, :]
-            if bias is not None:
-                dt = mask_dtype(x)
-                mask = bias.to(dt) if mask is None else bias.to(dt).masked_fill(~mask, torch.finfo(dt).min)
+    def forward(self, x: Tensor, segment_ids: Tensor, flex: bool) -> Tensor:
+        """x: (B, S, d) embedded input rows with their (B, S) segment ids."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        bias = None if self.relative_bias is None else self.relative_bias(pos, pos)  # (1, H, S, S)
+        rope = None if bias is not None else rope_cos_sin(segment_positions(segment_ids), self.cfg.head_dim,
+                                                          self.cfg.rope_theta)
+        attn = Attn(segment_mask(segment_ids, segment_ids, False, bias, flex, mask_dtype(x)), rope)
         x = self.dropout(x)
-        token_mask = attention_mask if unpadded is None else None  # unpadded: all real
         for layer in self.layers:
-            x = layer(x, mask, rope, token_mask, stats, unpadded)
+            x = layer(x, attn)
         return self.dropout(self.norm(x))
 
 
@@ -621,72 +685,61 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.relative_bias = RelativePositionBias(cfg, bidirectional=False) if cfg.position == "t5" else None
-        self.layers = nn.ModuleList(DecoderBlock(cfg, moe=cfg.n_experts > 0 and i % 2 == 1)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, moe=cfg.n_experts > 0 and i % 2 == 1, layer=i)
                                     for i in range(cfg.n_decoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
-    def encoder_rope(self, S: int, device: torch.device, segment_ids: Tensor | None = None,
-                     cross_index: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
-        """Rotations of the cross-attention keys: encoder positions (per segment in packed rows, gathered like
-        the keys with cross_index)."""
-        if self.relative_bias is not None:
-            return None
-        pos = torch.arange(S, device=device) if segment_ids is None else segment_positions(segment_ids)
-        if cross_index is not None:
-            pos = pos.flatten()[cross_index.clamp(min=0)]
-        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
-
-    def cross_kv(self, enc: Tensor) -> Tensor:
-        """encoder output (B, S, d) -> K/V of every layer (L, 2, B, Hkv, S, Dh)."""
-        rope = self.encoder_rope(enc.shape[1], enc.device)
-        return torch.stack([layer.cross_attn.project_kv(enc, rope) for layer in self.layers])
-
-    def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, token_mask: Tensor | None,
-                stats: list[MoEStats], cache: KVCache | None = None, unpadded: Unpadded | None = None,
-                enc_unpadded: Unpadded | None = None, segment_ids: Tensor | None = None,
-                enc_segment_ids: Tensor | None = None, cross_index: Tensor | None = None, flex: bool = False) -> Tensor:
-        """x: (B, T, d) embedded decoder input at positions cache.length + [0, T) (0 without a cache), or its
-        (N, d) real tokens with `unpadded` (output alike); enc: (B, S, d) encoder output, or (N_enc, d) with
-        `enc_unpadded` (unused when the cache holds its K/V); enc_mask: (B, S) bool or None; token_mask: x's
-        shape without d, False at tokens the router statistics skip, or None; segment_ids (B, T),
-        enc_segment_ids (B_enc, S) and cross_index (B, X) or None (then B_enc = B: row b reads encoder row b):
-        packed rows (training and scoring only, never with a cache)."""
-        T, dev = (x.shape[1] if unpadded is None else unpadded.T), x.device
-        start = 0 if cache is None else cache.length
-        if cache is not None and start + T > cache.self_kv.shape[4]:
-            raise ValueError(f"KV cache holds {cache.self_kv.shape[4]} positions, decoding needs {start + T}")
-        q_pos, k_pos = torch.arange(start, start + T, device=dev), torch.arange(start + T, device=dev)
-        bias = None if self.relative_bias is None else self.relative_bias(q_pos, k_pos)  # (1, H, T, start + T)
-        rope = None if bias is not None else rope_cos_sin(q_pos if segment_ids is None else segment_positions(segment_ids),
-                                                          self.cfg.head_dim, self.cfg.rope_theta)
-        is_causal = False
-        if segment_ids is not None:  # packed rows (or FlexAttention, to which a padded row is one segment)
-            self_mask = stack_masks(segment_ids, segment_ids, True, bias, flex, mask_dtype(x))
-            cross_mask = stack_masks(segment_ids, enc_segment_ids, False, None, flex, mask_dtype(x), cross_index)
-        else:  # one example per row: causal self-attention, a key padding mask (B, 1, 1, S) for cross-attention
-            future = k_pos[None, :] > q_pos[:, None]                                 # (T, start + T)
-            if bias is not None:
-                dt = mask_dtype(x)
-                self_mask = bias.to(dt).masked_fill(future, torch.finfo(dt).min)
-            else:
-                is_causal = cache is None                     # lets SDPA pick a fused causal kernel
-                self_mask = None if is_causal or T == 1 else ~future
-            cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
-        enc_rope = None if cache is not None else self.encoder_rope(  # cached K/V are rotated already
-            enc.shape[1] if enc_unpadded is None else enc_unpadded.T, dev, enc_segment_ids, cross_index)
+    def forward(self, x: Tensor, self_attn: Attn, cross_kv: Tensor | list[Tensor], cross_attn: Attn,
+                cache: KVCache | None = None) -> Tensor:
+        """x: (B, T, d) embedded decoder inputs; cross_kv[i]: layer i's encoder K/V (project_kv)."""
         x = self.dropout(x)
-        for i, layer in enumerate(self.layers):
-            kv = layer.cross_attn.project_kv(enc, enc_rope, enc_unpadded, cross_index) if cache is None \
-                else cache.cross_kv[i]
-            x = layer(x, self_mask, is_causal, rope, None if cache is None else cache.self_kv[i], start,
-                      kv, cross_mask, token_mask, stats, unpadded)
-        if cache is not None:
-            cache.length += T
+        for layer, kv in zip(self.layers, cross_kv):
+            x = layer(x, self_attn, kv, cross_attn, cache)
         return self.dropout(self.norm(x))
+
+    def project_kv(self, enc: Tensor, segment_ids: Tensor, cross_index: Tensor | None = None) -> list[Tensor]:
+        """Every layer's cross-attention K/V of the encoder output (B, S, d), keys rotated with their positions
+        in their segments and gathered like them (cross_index)."""
+        rope = None
+        if self.relative_bias is None:
+            pos = segment_positions(segment_ids)
+            rope = rope_cos_sin(pos if cross_index is None else pos.flatten()[cross_index.clamp(min=0)],
+                                self.cfg.head_dim, self.cfg.rope_theta)
+        return [layer.cross_attn.project_kv(enc, rope, cross_index) for layer in self.layers]
+
+    def masks(self, segment_ids: Tensor, enc_segment_ids: Tensor, cross_index: Tensor | None, flex: bool,
+              dtype: torch.dtype) -> tuple[Attn, Attn]:
+        """Teacher forcing: the self- and cross-attention of (B, T) decoder rows with their segment ids,
+        reading encoder rows with theirs (row b, or the positions cross_index[b])."""
+        pos = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+        bias = None if self.relative_bias is None else self.relative_bias(pos, pos)  # (1, H, T, T)
+        rope = None if bias is not None else rope_cos_sin(segment_positions(segment_ids), self.cfg.head_dim,
+                                                          self.cfg.rope_theta)
+        return (Attn(segment_mask(segment_ids, segment_ids, True, bias, flex, dtype), rope),
+                Attn(segment_mask(segment_ids, enc_segment_ids, False, None, flex, dtype, cross_index), rope))
+
+    def decode_masks(self, start: int, T: int, cache: KVCache, dtype: torch.dtype) -> tuple[Attn, Attn]:
+        """Cached decoding: T new positions start.. attend the filled ones causally, and the prompts' tokens."""
+        dev = cache.self_kv.device
+        q_pos, k_pos = torch.arange(start, start + T, device=dev), torch.arange(start + T, device=dev)
+        future = k_pos[None, :] > q_pos[:, None]                                   # (T, start + T)
+        if self.relative_bias is not None:
+            mask = self.relative_bias(q_pos, k_pos).to(dtype).masked_fill(future, torch.finfo(dtype).min)
+            return Attn(mask, None), Attn(cache.cross_mask, None)
+        rope = rope_cos_sin(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
+        return Attn(None if T == 1 else ~future, rope), Attn(cache.cross_mask, rope)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
+
+
+class ROT5Output(NamedTuple):
+    loss: Tensor | None          # LM cross-entropy, fp32, mean over labels != -100 (None without labels)
+    logits: Tensor               # (B_dec, T, V)
+    aux_loss: Tensor             # coef-weighted load-balancing loss summed over MoE layers (0. if dense/off)
+    z_loss: Tensor               # coef-weighted router z-loss summed over MoE layers (0. if dense/off)
+    expert_load: Tensor | None   # (n_moe_layers, n_experts): fraction of real tokens routed to each expert
 
 
 class ROT5(nn.Module):
@@ -725,358 +778,59 @@ class ROT5(nn.Module):
         elif m is self.lm_head:
             nn.init.normal_(m.weight, std=d ** -0.5)
 
-    # -- forward ----------------------------------------------------------------------------------------
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
-                segment_ids: Tensor | None = None, decoder_segment_ids: Tensor | None = None,
-                cross_index: Tensor | None = None) -> ROT5Output:
-        """input_ids: (B, S); attention_mask: (B, S), 1/True at real tokens; decoder_input_ids: (B, T),
-        default labels shifted right after the start token (pad); labels: (B, T), -100 = ignore.
-        With labels, only positions with a label reach the lm_head and `logits` is None.
-        Packed rows (several examples per row, ul2.py): segment_ids (B, S) and decoder_segment_ids (B_dec, T),
-        0 at padding and k at the tokens of example k on both sides; attention_mask, if given, must be
-        segment_ids > 0, and the default decoder inputs restart with the start token in every segment. Decoder
-        row b reads encoder row b, or, with cross_index (B_dec, X), the flat encoder positions
-        cross_index[b] = b' * S + s (-1: none; ul2.pack_examples lists each row's examples' inputs)."""
-        packed = segment_ids is not None or decoder_segment_ids is not None
-        if packed:
-            attention_mask = self._check_segments(input_ids, attention_mask, segment_ids, decoder_segment_ids,
-                                                  decoder_input_ids if labels is None else labels, cross_index)
-        elif cross_index is not None:
-            raise ValueError("cross_index is for packed rows: pass segment_ids and decoder_segment_ids with it")
-        attention_mask = self._check_inputs(input_ids, attention_mask)
-        if labels is not None:
-            self._check_ids(labels, "labels", allow_ignore=True)
-            if (labels == -100).all():  # the mean over no tokens is NaN
-                raise ValueError("labels are all -100 (ignored): a batch needs at least one token to predict")
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids or labels (decoder inputs are labels shifted right)")
-            decoder_input_ids = self.shift_right(labels, decoder_segment_ids)
-        self._check_ids(decoder_input_ids, "decoder_input_ids")
-        if labels is not None and labels.shape != decoder_input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_input_ids.shape)} "
-                             "must have the same shape")
-        if cross_index is None and decoder_input_ids.shape[0] != input_ids.shape[0]:  # (it would read as beams)
-            raise ValueError(f"decoder batch {decoder_input_ids.shape[0]} != encoder batch {input_ids.shape[0]}: "
-                             "pass one decoder row per input row")
-
-        stats: list[MoEStats] = []
-        flex = use_flex(input_ids, self.training, self.cfg.dropout)
-        # Skip padding (Unpadded): the encoder never attends to it, and the decoder (causal) never attends to
-        # positions after a row's last label. torch.compile wants fixed shapes: it keeps the padded layout.
-        skip_pad = not torch.compiler.is_compiling()
-        enc_unpadded = Unpadded.of(attention_mask) if skip_pad and attention_mask is not None else None
-        enc_seg, dec_seg = segment_ids, decoder_segment_ids
-        if flex and not packed:  # FlexAttention takes its masks from segment ids: a padded row is one segment
-            enc_seg = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-            dec_seg = torch.ones_like(decoder_input_ids)   # (causal: a row's trailing padding is never attended)
-        enc = self.encoder(self.embed(input_ids if enc_unpadded is None else enc_unpadded.unpad(input_ids)),
-                           attention_mask, stats, enc_unpadded, enc_seg, flex)
-        dec_unpadded = None
-        if packed:  # decoder positions of the examples; the router statistics skip the rest
-            dec_tokens = decoder_segment_ids > 0
-            dec_unpadded = Unpadded.of(dec_tokens) if skip_pad else None
-        elif labels is not None:
-            dec_tokens = labels != -100
-            up_to_last_label = dec_tokens.flip(1).cumsum(1).flip(1) > 0
-            dec_unpadded = Unpadded.of(up_to_last_label) if skip_pad else None
-        else:  # decoder pads: pad ids after the start token, which is a pad id too
-            dec_tokens = decoder_input_ids != self.cfg.pad_token_id
-            dec_tokens[:, 0] = True
-        if dec_unpadded is not None:
-            decoder_input_ids, dec_tokens = dec_unpadded.unpad(decoder_input_ids), dec_unpadded.unpad(dec_tokens)
-        h = self.decoder(self.embed(decoder_input_ids), enc, attention_mask, dec_tokens, stats, None, dec_unpadded,
-                         enc_unpadded, dec_seg, enc_seg, cross_index, flex)
-
-        loss = logits = None
-        if labels is not None:  # gather first: the (N, V) logits are the largest activation of the model
-            label_at = labels != -100
-            logits_sel = self.lm_logits(h[label_at if dec_unpadded is None else dec_unpadded.unpad(label_at)])
-            loss = F.cross_entropy(logits_sel.float(), labels[label_at].long())
-        else:
-            logits = self.lm_logits(h)
-            logits = logits if dec_unpadded is None else dec_unpadded.pad(logits)  # (B, T, V), 0 at padding
-        zero = h.new_zeros((), dtype=torch.float32)
-        return ROT5Output(loss, logits, sum((s.aux_loss for s in stats), zero), sum((s.z_loss for s in stats), zero),
-                          torch.stack([s.load for s in stats]) if stats else None)
+    def forward(self, batch: Batch) -> ROT5Output:
+        """Teacher forcing on a Batch (checked where it was made: check_batch); the loss when it has labels."""
+        flex = use_flex(self.cfg, batch.input_ids, self.training)
+        enc = self.encoder(self.embed(batch.input_ids), batch.segment_ids, flex)
+        x = self.embed(batch.decoder_input_ids)
+        self_attn, cross_attn = self.decoder.masks(batch.decoder_segment_ids, batch.segment_ids, batch.cross_index,
+                                                   flex, mask_dtype(x))
+        cross_kv = self.decoder.project_kv(enc, batch.segment_ids, batch.cross_index)
+        logits = self.lm_logits(self.decoder(x, self_attn, cross_kv, cross_attn))
+        loss = None if batch.labels is None else lm_loss(logits, batch.labels)
+        return ROT5Output(loss, logits, *self.router_stats(batch.segment_ids > 0, batch.decoder_segment_ids > 0))
 
     def lm_logits(self, h: Tensor) -> Tensor:
         if self.lm_head is None:  # v1.0: the scale keeps logits O(1) with N(0, 1) embeddings (Mesh TF)
             return F.linear(h * self.cfg.d_model ** -0.5, self.embed.weight)
         return self.lm_head(h)
 
-    def shift_right(self, labels: Tensor, segment_ids: Tensor | None = None) -> Tensor:
-        """decoder inputs for teacher forcing: [start, y_0 .. y_{T-2}], start = pad, -100 -> pad; with
-        segment_ids (packed rows), every segment starts with its own start token."""
-        pad = self.cfg.pad_token_id
-        dec = torch.cat([labels.new_full((labels.shape[0], 1), pad), labels[:, :-1]], dim=1)
-        if segment_ids is not None:
-            dec[:, 1:].masked_fill_(segment_ids[:, 1:] != segment_ids[:, :-1], pad)
-        return dec.masked_fill(dec == -100, pad)
+    def router_stats(self, enc_tokens: Tensor, dec_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(aux_loss, z_loss) summed over the MoE layers of the last forward, and their expert loads (encoder
+        layers first), over the real tokens only; zeros and None for a dense model."""
+        stats = [layer.ffn.stats(tokens) for stack, tokens in ((self.encoder, enc_tokens), (self.decoder, dec_tokens))
+                 for layer in stack.layers if isinstance(layer.ffn, SwitchFFN)]
+        zero = enc_tokens.new_zeros((), dtype=torch.float32)
+        return (sum((s.aux_loss for s in stats), zero), sum((s.z_loss for s in stats), zero),
+                torch.stack([s.load for s in stats]) if stats else None)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, S) ids -> (B, S, d_model) encoder output (MoE statistics are dropped)."""
-        return self._encode(input_ids, self._check_inputs(input_ids, attention_mask))
+    # -- generation (generate.py): encode once, then decode step by step against a KV cache ----------------
 
-    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        unpadded = None if attention_mask is None else Unpadded.of(attention_mask)  # skip the padding, as forward
-        if unpadded is None:
-            return self.encoder(self.embed(input_ids), attention_mask, [])
-        return unpadded.pad(self.encoder(self.embed(unpadded.unpad(input_ids)), attention_mask, [], unpadded))
+    def encode(self, input_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        """(B, S) ids (padded prompts: segment ids = attention mask) -> (B, S, d_model) encoder output."""
+        return self.encoder(self.embed(input_ids), segment_ids, use_flex(self.cfg, input_ids, self.training))
 
-    def new_cache(self, enc: Tensor, max_len: int, beams: int = 1) -> KVCache:
+    def new_cache(self, enc: Tensor, max_len: int, beams: int = 1, attention_mask: Tensor | None = None) -> KVCache:
         """KV cache for decoding up to max_len positions against encoder output enc (B, S, d), for B * beams
-        sequences (rows b*beams .. b*beams+beams-1 decode against prompt b; they share its cross K/V)."""
-        cross = self.decoder.cross_kv(enc)
+        sequences (rows b*beams .. b*beams+beams-1 decode against prompt b; they share its cross K/V).
+        attention_mask: the prompts' (B, S) real tokens (None: no padding)."""
+        segment_ids = torch.ones(enc.shape[:2], dtype=torch.long, device=enc.device) if attention_mask is None \
+            else attention_mask.long()
+        cross = torch.stack(self.decoder.project_kv(enc, segment_ids))
         L, _, B, Hkv, _, Dh = cross.shape
-        return KVCache(cross.new_zeros(L, 2, B * beams, Hkv, max_len, Dh), cross)
+        cross_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        return KVCache(cross.new_zeros(L, 2, B * beams, Hkv, max_len, Dh), cross, cross_mask)
 
-    def decode_step(self, decoder_input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> Tensor:
+    def decode_step(self, decoder_input_ids: Tensor, cache: KVCache) -> Tensor:
         """Feed (B, T) decoder tokens at positions cache.length.. (T = 1 when generating); returns their
-        logits (B, T, V) in fp32 and advances the cache. attention_mask: the encoder's (B, S) mask."""
-        if attention_mask is not None:
-            attention_mask = attention_mask.bool()
-        h = self.decoder(self.embed(decoder_input_ids), None, attention_mask, None, [], cache)
+        logits (B, T, V) in fp32 and advances the cache."""
+        x = self.embed(decoder_input_ids)
+        self_attn, cross_attn = self.decoder.decode_masks(cache.length, x.shape[1], cache, mask_dtype(x))
+        h = self.decoder(x, self_attn, cache.cross_kv, cross_attn, cache)
+        cache.length += x.shape[1]
         return self.lm_logits(h).float()
 
-    # -- input checks -----------------------------------------------------------------------------------
-
-    def _check_ids(self, ids: Tensor, name: str, allow_ignore: bool = False) -> None:
-        if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-            raise ValueError(f"{name} must be an int64 tensor of token ids, got {what}")
-        if ids.dim() != 2 or ids.numel() == 0:
-            raise ValueError(f"{name} must have shape (batch, length) with length > 0, got {tuple(ids.shape)}")
-        valid = (ids >= 0) & (ids < self.cfg.vocab_size)
-        if allow_ignore:
-            valid |= ids == -100
-        if not valid.all():
-            bad = ids[~valid][0].item()
-            raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {self.cfg.vocab_size})"
-                             f"{' (or -100 = ignore)' if allow_ignore else ''}: tokenizer and model config disagree")
-
-    def _check_segments(self, input_ids: Tensor, attention_mask: Tensor | None, segment_ids: Tensor | None,
-                        decoder_segment_ids: Tensor | None, decoder_ids: Tensor | None,
-                        cross_index: Tensor | None) -> Tensor:
-        """Packed rows: both segment id tensors, non-negative ints shaped like their ids, cross_index (if given)
-        one row per decoder row of encoder positions or -1, and every decoder segment finds the encoder segment
-        of its id where its row reads (else its cross-attention would have nothing to read).
-        Returns the attention mask they imply."""
-        if segment_ids is None or decoder_segment_ids is None:
-            raise ValueError("packed rows need both segment_ids and decoder_segment_ids (ul2.UL2Batches(pack=True) "
-                             "makes both)")
-        for name, seg, ids in (("segment_ids", segment_ids, input_ids),
-                               ("decoder_segment_ids", decoder_segment_ids, decoder_ids)):
-            shape = None if not isinstance(ids, Tensor) else tuple(ids.shape)
-            if not isinstance(seg, Tensor) or seg.dtype not in (torch.int64, torch.int32) or tuple(seg.shape) != shape:
-                raise ValueError(f"{name} must be an int tensor shaped like its token ids {shape}")
-            if (seg < 0).any():
-                raise ValueError(f"{name} must be >= 0 (0 = padding, k = example k of the batch)")
-        implied = segment_ids > 0
-        if attention_mask is not None and not torch.equal(attention_mask.bool(), implied):
-            raise ValueError("attention_mask must be segment_ids > 0 for packed rows (or leave it out)")
-        read = segment_ids                                   # the encoder segment ids each decoder row reads
-        if cross_index is not None:
-            if (not isinstance(cross_index, Tensor) or cross_index.dtype not in (torch.int64, torch.int32)
-                    or cross_index.dim() != 2 or len(cross_index) != len(decoder_segment_ids)):
-                raise ValueError("cross_index must be an int tensor with one row per decoder row "
-                                 f"({len(decoder_segment_ids)})")
-            if ((cross_index < -1) | (cross_index >= segment_ids.numel())).any():
-                raise ValueError(f"cross_index must hold encoder positions in [0, {segment_ids.numel()}) or -1")
-            read = read_segments(segment_ids, cross_index)
-        elif len(segment_ids) != len(decoder_segment_ids):
-            raise ValueError(f"{len(decoder_segment_ids)} decoder rows read {len(segment_ids)} encoder rows: "
-                             "pass cross_index (ul2.pack_examples makes it) or one decoder row per encoder row")
-        n = int(torch.maximum(read.max(), decoder_segment_ids.max())) + 1
-        present = torch.zeros(len(read), n, dtype=torch.bool, device=read.device)
-        present.scatter_(1, read.long(), True)
-        present[:, 0] = True   # decoder padding
-        if not present.gather(1, decoder_segment_ids.long()).all():
-            raise ValueError("a decoder segment has no encoder segment with its id where its row reads: example k "
-                             "must be segment k on both sides, and cross_index must list its encoder positions")
-        return implied
-
-    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
-        self._check_ids(input_ids, "input_ids")
-        if attention_mask is None:
-            return None
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-        attention_mask = attention_mask.bool()
-        empty = ~attention_mask.any(1)
-        if empty.any():  # its cross-attention would have nothing to attend to: no defined output
-            raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding (attention_mask all 0): every "
-                             "input needs at least one real token; drop empty rows")
-        return attention_mask
-
-    # -- generation -------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 64,
-                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, suppress_tokens: list[int] | Tensor | None = None) -> Tensor:
-        """Greedy (default), sampling (do_sample, with temperature -> top_k -> top_p filtering, as HF) or beam
-        search (num_beams > 1, HF's algorithm and defaults). Returns (B, <= max_new_tokens) ids without the
-        start token: eos, then pad for sequences that finished early. suppress_tokens: ids never generated
-        (HF's SuppressTokensLogitsProcessor), e.g. sentinels when continuing a story. Call model.eval() first."""
-        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
-        suppress = None if suppress_tokens is None or len(suppress_tokens) == 0 else \
-            torch.as_tensor(suppress_tokens, dtype=torch.long, device=input_ids.device)
-        if suppress is not None:
-            self._check_ids(suppress[None], "suppress_tokens")
-        if max_new_tokens < 1 or num_beams < 1 or temperature <= 0:
-            raise ValueError(f"need max_new_tokens >= 1, num_beams >= 1, temperature > 0; got {max_new_tokens}, "
-                             f"{num_beams}, {temperature}")
-        if num_beams > 1 and do_sample:
-            raise ValueError("beam search is deterministic here: use num_beams=1 with do_sample=True")
-        attention_mask = self._check_inputs(input_ids, attention_mask)
-        enc = self._encode(input_ids, attention_mask)
-        if num_beams > 1:
-            return self._beam_search(enc, attention_mask, max_new_tokens, num_beams, eos, suppress)
-
-        B, pad = input_ids.shape[0], self.cfg.pad_token_id
-        cache = self.new_cache(enc, max_new_tokens)
-        out = input_ids.new_full((B, max_new_tokens), pad)
-        tok = input_ids.new_full((B, 1), pad)  # decoder start token
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for t in range(max_new_tokens):
-            logits = self.decode_step(tok, attention_mask, cache)[:, -1]  # (B, V)
-            if suppress is not None:
-                logits[:, suppress] = -math.inf
-            if do_sample:
-                nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1,
-                                        generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            nxt = nxt.masked_fill(done, pad)
-            out[:, t] = nxt
-            done |= nxt == eos
-            if done.all():
-                return out[:, : t + 1]
-            tok = nxt[:, None]
-        return out
-
-    def _beam_search(self, enc: Tensor, attention_mask: Tensor | None, max_new_tokens: int, K: int,
-                     eos: int, suppress: Tensor | None) -> Tensor:
-        """HF transformers' beam search (generation/utils.py `_beam_search`) with its defaults
-        (length_penalty=1, early_stopping=False), step for step:
-        - each step keeps the top 2K (beam, token) continuations by summed log-prob over all K beams;
-        - continuations that end (eos, or the length limit) and rank in the top K become finished
-          hypotheses scored sum_logprobs / n_generated (length_penalty = 1; n counts eos); the best K are kept;
-        - the best K continuations that did not end are the next beams (cache reordered to follow them);
-        - a prompt stops once K hypotheses are finished and its best running beam, scored with its
-          current length, cannot beat the worst of them; the search stops when every prompt has."""
-        B = enc.shape[0]
-        V, pad, dev, NEG = self.cfg.vocab_size, self.cfg.pad_token_id, enc.device, -1.0e9
-        cache = self.new_cache(enc, max_new_tokens, beams=K)  # rows b*K .. b*K+K-1 are the beams of prompt b
-
-        seqs = torch.full((B, K, max_new_tokens), pad, dtype=torch.long, device=dev)   # running beams
-        scores = torch.zeros(B, K, device=dev)
-        scores[:, 1:] = NEG                    # all beams start identical: only expand the first one
-        fin_seqs, fin_scores = seqs.clone(), torch.full((B, K), NEG, device=dev)
-        fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
-        fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
-        improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
-        top_k_mask = torch.arange(2 * K, device=dev) < K
-        offsets = torch.arange(B, device=dev)[:, None] * K
-        tok = torch.full((B * K, 1), pad, dtype=torch.long, device=dev)
-        for t in range(max_new_tokens):
-            logits = self.decode_step(tok, attention_mask, cache)[:, -1]          # (B K, V)
-            logp = logits.log_softmax(-1)
-            if suppress is not None:  # after the softmax, as HF applies logits processors in beam search
-                logp[:, suppress] = -math.inf
-            logp = logp.view(B, K, V) + scores[..., None]
-            cand_scores, idx = logp.view(B, K * V).topk(2 * K)                 # (B, 2K)
-            beam, token = idx // V, idx % V
-            cand = seqs.gather(1, beam[..., None].expand(-1, -1, max_new_tokens))   # (B, 2K, max_new_tokens)
-            cand[:, :, t] = token
-            ends = (token == eos) | (t + 1 == max_new_tokens)
-
-            # next running beams: the best K continuations that did not end
-            run_scores = cand_scores + ends.float() * NEG
-            keep = run_scores.topk(K).indices
-            seqs = cand.gather(1, keep[..., None].expand(-1, -1, max_new_tokens))
-            scores, src = run_scores.gather(1, keep), beam.gather(1, keep)
-
-            # finished hypotheses: merge the newly ended top-K continuations into the best K so far
-            new_fin = ends & top_k_mask
-            fin_cand = cand_scores / (t + 1) + (~improvable).float() * NEG + (~new_fin).float() * NEG
-            all_scores = torch.cat([fin_scores, fin_cand], 1)
-            best = all_scores.topk(K).indices
-            fin_scores = all_scores.gather(1, best)
-            fin_seqs = torch.cat([fin_seqs, cand], 1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
-            fin_done = torch.cat([fin_done, new_fin], 1).gather(1, best)
-            fin_len = torch.cat([fin_len, torch.full_like(cand_scores, t + 1, dtype=torch.long)], 1).gather(1, best)
-
-            cache.reorder((src + offsets).flatten())
-            tok = seqs[:, :, t].reshape(B * K, 1)
-            worst_fin = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, NEG)
-            improvable &= (scores[:, :1] / (t + 1) > worst_fin).any(1, keepdim=True)
-            if not improvable.any() or ends.all():
-                break
-        best_seqs = fin_seqs[:, 0]
-        return best_seqs[:, : int(fin_len[:, 0].max())]
-
-    # -- conversion and accounting ----------------------------------------------------------------------
-
-    @classmethod
-    def from_hf_t5(cls, hf_model: nn.Module) -> ROT5:
-        """Hugging Face T5ForConditionalGeneration (v1.0: relu + tied + scaled output; v1.1: gated-gelu +
-        untied) -> ROT5 with position="t5", identical outputs."""
-        c = hf_model.config
-        ffn = {"relu": "relu", "gated-gelu": "gated-gelu"}.get(c.feed_forward_proj)
-        if ffn is None:
-            raise ValueError(f"feed_forward_proj={c.feed_forward_proj!r}: ROT5 supports 'relu' and 'gated-gelu'")
-        sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
-        tied_weights = torch.equal(sd["lm_head.weight"], sd["shared.weight"])
-        scaled = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)  # transformers 5 vs 4
-        if scaled and not tied_weights:
-            raise ValueError("HF model scales decoder outputs but has an untied lm_head: not a T5 v1.0/v1.1 layout")
-        eos = c.eos_token_id[0] if isinstance(c.eos_token_id, (list, tuple)) else c.eos_token_id
-        cfg = ROT5Config(vocab_size=c.vocab_size, d_model=c.d_model, n_heads=c.num_heads, head_dim=c.d_kv,
-                         n_kv_heads=c.num_heads, d_ff=c.d_ff, n_encoder_layers=c.num_layers,
-                         n_decoder_layers=c.num_decoder_layers, position="t5", ffn=ffn, tie_embeddings=bool(scaled),
-                         dropout=float(c.dropout_rate),
-                         relative_attention_num_buckets=c.relative_attention_num_buckets,
-                         relative_attention_max_distance=c.relative_attention_max_distance,
-                         norm_eps=c.layer_norm_epsilon, pad_token_id=c.pad_token_id, eos_token_id=eos)
-        model = cls(cfg)  # (cat copies, so the new model shares no storage with hf_model)
-        model.load_state_dict({ours: torch.cat([sd[t] for t in theirs]) for ours, theirs in hf_t5_names(cfg).items()},
-                              strict=True)
-        return model
-
-    def to_hf_t5(self) -> nn.Module:
-        """The inverse of from_hf_t5: this T5 baseline (position="t5", multi-head, dense) as a Hugging Face
-        T5ForConditionalGeneration with identical outputs, on this model's device, in its train/eval mode."""
-        c = self.cfg
-        if c.position != "t5" or c.n_kv_heads != c.n_heads or c.n_experts:
-            raise ValueError(f"only the T5 baseline (position='t5', n_kv_heads=n_heads, n_experts=0) is an HF T5 model; "
-                             f"this one has position={c.position!r}, n_kv_heads={c.n_kv_heads} of n_heads={c.n_heads}, "
-                             f"n_experts={c.n_experts}: export it as safetensors instead (checkpoint.py export, no --hf)")
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        hf = T5ForConditionalGeneration(T5Config(
-            vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.head_dim, d_ff=c.d_ff, num_layers=c.n_encoder_layers,
-            num_decoder_layers=c.n_decoder_layers, num_heads=c.n_heads, feed_forward_proj=c.ffn,
-            relative_attention_num_buckets=c.relative_attention_num_buckets,
-            relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout,
-            layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings, pad_token_id=c.pad_token_id,
-            eos_token_id=c.eos_token_id, decoder_start_token_id=c.pad_token_id))
-        if not c.tie_embeddings and hf.lm_head.weight is hf.shared.weight:  # transformers 5 ties them even for v1.1
-            hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.lm_head.weight))
-        sd = self.state_dict()
-        new = {t: part.detach().clone() for ours, theirs in hf_t5_names(c).items()
-               for t, part in zip(theirs, sd[ours].chunk(len(theirs)))}  # equal parts: q|k|v, k|v, wi_0|wi_1 (MHA)
-        # HF keeps the embedding under three more names (the same tensor, or copies of it when untied in memory)
-        new |= {k: new["shared.weight"] for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
-        if c.tie_embeddings:
-            new["lm_head.weight"] = new["shared.weight"]
-        hf.load_state_dict(new, strict=True)
-        return hf.to(self.embed.weight.device).train(self.training)
+    # -- accounting ---------------------------------------------------------------------------------------
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Total parameters (the tied output matrix counted once); optionally without the input embedding."""
@@ -1115,52 +869,8 @@ class ROT5(nn.Module):
         return float(6 * n_enc * encoder_tokens + 6 * n_dec * decoder_tokens + attn)
 
 
-def hf_t5_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
-    """ROT5 parameter -> the Hugging Face T5 parameters it is made of, concatenated along dim 0 (ROT5 fuses
-    q|k|v, cross-attention k|v, and v1.1's wi_0|wi_1). One table for both directions: from_hf_t5 concatenates,
-    to_hf_t5 splits. HF T5 keeps one relative-bias table per stack, in its block 0."""
-    wi = ("wi_0", "wi_1") if cfg.ffn == "gated-gelu" else ("wi",)
-
-    def ffn(ours: str, theirs: str) -> dict[str, tuple[str, ...]]:
-        return {f"{ours}.ffn.wi.weight": tuple(f"{theirs}.DenseReluDense.{w}.weight" for w in wi),
-                f"{ours}.ffn.wo.weight": (f"{theirs}.DenseReluDense.wo.weight",)}
-
-    def attn(ours: str, theirs: str, fused: str, parts: str) -> dict[str, tuple[str, ...]]:
-        return {f"{ours}.{fused}.weight": tuple(f"{theirs}.{p}.weight" for p in parts),
-                f"{ours}.o.weight": (f"{theirs}.o.weight",)}
-
-    names = {"embed.weight": ("shared.weight",),
-             "encoder.norm.weight": ("encoder.final_layer_norm.weight",),
-             "decoder.norm.weight": ("decoder.final_layer_norm.weight",),
-             "encoder.relative_bias.bias.weight": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
-             "decoder.relative_bias.bias.weight": ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)}
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight",)
-    for i in range(cfg.n_encoder_layers):
-        ours, theirs = f"encoder.layers.{i}", f"encoder.block.{i}.layer"
-        names |= {f"{ours}.attn_norm.weight": (f"{theirs}.0.layer_norm.weight",),
-                  f"{ours}.ffn_norm.weight": (f"{theirs}.1.layer_norm.weight",)}
-        names |= attn(f"{ours}.attn", f"{theirs}.0.SelfAttention", "qkv", "qkv") | ffn(ours, f"{theirs}.1")
-    for i in range(cfg.n_decoder_layers):
-        ours, theirs = f"decoder.layers.{i}", f"decoder.block.{i}.layer"
-        names |= {f"{ours}.self_norm.weight": (f"{theirs}.0.layer_norm.weight",),
-                  f"{ours}.cross_norm.weight": (f"{theirs}.1.layer_norm.weight",),
-                  f"{ours}.ffn_norm.weight": (f"{theirs}.2.layer_norm.weight",),
-                  f"{ours}.cross_attn.q.weight": (f"{theirs}.1.EncDecAttention.q.weight",)}
-        names |= attn(f"{ours}.self_attn", f"{theirs}.0.SelfAttention", "qkv", "qkv")
-        names |= attn(f"{ours}.cross_attn", f"{theirs}.1.EncDecAttention", "kv", "kv") | ffn(ours, f"{theirs}.2")
-    return names
-
-
-def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Top-k then nucleus (top-p, Holtzman et al. 2020) filtering of (B, V) logits: removed entries -> -inf.
-    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        p = sorted_logits.softmax(-1)
-        drop_sorted = p.cumsum(-1) - p >= top_p  # the more likely tokens before this one already reach top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) labels, -100 ignored, in fp32 (bf16 logits lose the
+    small probabilities). reduction="none": (B, T), 0 where ignored."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=-100, reduction=reduction)
+    return loss if reduction == "mean" else loss.view(labels.shape)

@@ -42,6 +42,7 @@ import torch
 from checkpoint import first_line, load_model
 from diskio import human
 from finetune import summarize_input, until_eos
+from generate import generate, pad_prompts
 from tokenizer import Tokenizer
 from train import resolve_device
 
@@ -75,15 +76,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     for start in range(0, len(inputs), args.batch_size):
         batch = inputs[start:start + args.batch_size]
         # right-pad to the longest input; the attention mask hides the pad from the encoder and cross-attention
-        T = max(map(len, batch))
-        input_ids = torch.tensor([x + [tok.pad_id] * (T - len(x)) for x in batch], device=device)
-        attention_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in batch], device=device)
+        input_ids, attention_mask = (t.to(device) for t in pad_prompts(batch, tok.pad_id))
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
-            generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-                                       num_beams=args.num_beams, do_sample=args.do_sample,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       eos_token_id=tok.eos_id, suppress_tokens=tok.non_text_ids(mode != "fill"))
+            generated = generate(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
+                                 num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_id,
+                                 suppress_tokens=tok.non_text_ids(mode != "fill"))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -168,7 +167,7 @@ def check_budget(args: argparse.Namespace, model, device: torch.device, rows: in
 
 
 def generation_bytes(cfg, rows: int, prompt_len: int, beams: int) -> tuple[int, int]:
-    """(bytes independent of the length, bytes per new token) of model.generate for rows prompts: the decoder's
+    """(bytes independent of the length, bytes per new token) of generate.generate for rows prompts: the decoder's
     KV cache (n_decoder_layers x K and V x n_kv_heads x head_dim values per position and sequence, allocated
     for all of max_new_tokens up front; beam search keeps a second one to reorder into) and, for beam search,
     its token tables (running, finished, 2K candidates and their concatenation: ~8K int64 per position)."""

@@ -30,10 +30,12 @@ step is its data position) makes the very updates of an uninterrupted one (a log
 the checkpoint averages only its steps after it). A new run refuses an out_dir that holds a checkpoint.
 With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_examples):
 encoder rows of encoder_len and decoder rows of decoder_len, each side packed apart, in numbers that vary a
-little from one micro-batch to the next (under --compile they are marked dynamic, so torch.compile compiles
-the training step once, with symbolic sizes: checked on the CPU, compiled loss == eager loss to 1e-7); the
-loss is the same token-weighted mean over the same examples, so pack=False (one example per row) trains the
-same model, slower.
+little from one micro-batch to the next; the loss is the same token-weighted mean over the same examples, so
+pack=False (one example per row) trains the same model, slower. Evaluation packs its rows too.
+--compile: the training step is one graph (the model reads nothing back to the host but a Switch FFN's
+expert counts; batches are checked on the CPU before they move: model.check_batch), compiled once with
+symbolic row counts (Batch.mark_dynamic); on a GPU its attention is FlexAttention (model.use_flex). The one
+wait for the device per optimizer step is the read of the step's losses (the non-finite check).
 A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
 (README.md, "What survives what").
 
@@ -83,8 +85,8 @@ import prepare
 import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
-from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
-from ul2 import MODES, Batch, UL2Batches, continuation_batches
+from model import ROT5, Batch, ROT5Config, RelativePositionBias, SwitchFFN, check_batch, lm_loss
+from ul2 import MODES, UL2Batches, continuation_batches
 
 # -----------------------------------------------------------------------------------------------------------
 # default config: the seed's T5-Base run (UL2 on 1 epoch of TinyStories, batch 300); config/*.py change it
@@ -118,7 +120,7 @@ grad_clip = 1.0           # max global gradient norm (0: no clipping)
 max_bad_steps = 5         # stop after this many non-finite steps in a row
 # system
 device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N" (one process)
-compile = False           # torch.compile the model (pads rows to encoder_len / decoder_len: fixed shapes)
+compile = False           # torch.compile the training step: one graph (rows padded to encoder_len / decoder_len)
 dtype = "auto"            # "float32" | "bfloat16" (autocast) | "auto": bfloat16 where it is faster (resolve_dtype)
 seed = 0
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
@@ -224,8 +226,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                          seed=cfg.seed, static_shapes=cfg.compile, pack=cfg.pack)
     # Validation: every rank takes every world-th eval batch; the corruption depends on neither.
     val_batches = UL2Batches(val_docs, tok, cfg.mixture, cfg.encoder_len, cfg.decoder_len, cfg.eval_batch_size,
-                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile)
-    # (one example per row: the per-mode losses split rows by their mode token; packing would mix modes)
+                             seed=EVAL_SEED, rank=rank, world_size=world, static_shapes=cfg.compile, pack=True)
     n_eval = min(cfg.eval_docs, len(val_docs))
 
     # -- budget: the LR schedule needs the number of steps up front -------------------------------------
@@ -242,6 +243,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # -- model and optimizer ----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = ROT5(model_cfg).to(device)
+    # (one graph per step: the model reads no value back to the host, except the Switch FFN's expert counts)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -283,10 +285,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 "rng": random_states(), "metrics": {**last_eval, "tokens": tokens_seen}})
 
     def evaluate(n_docs: int | None) -> dict:
-        ul2_losses = validation_loss(model, val_batches.eval_batches(n_docs), device, autocast, ddp, tok.mode_ids)
-        cont = continuation_batches(val_docs, tok, cfg.eval_batch_size, n_docs, rank, world)
-        return {**ul2_losses, "continuation_loss": validation_loss(model, cont, device, autocast, ddp,
-                                                                   tok.mode_ids)["val_loss"]}
+        def run(batches) -> dict:
+            return validation_loss(model, batches, device, autocast, ddp, tok.mode_ids, cfg.compile)
+
+        cont = continuation_batches(val_docs, tok, cfg.eval_batch_size, cfg.encoder_len, cfg.decoder_len, n_docs,
+                                    rank, world)
+        return {**run(val_batches.eval_batches(n_docs)), "continuation_loss": run(cont)["val_loss"]}
 
     c, n_opt, _ = chinchilla(budget)
     say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
@@ -306,51 +310,50 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     train_model.train()
     bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
     n_moe = sum(isinstance(m, SwitchFFN) for m in raw_model.modules())
-    # per-step stats: [lm, aux, z, raw document tokens, FLOPs, grad norm, expert load (n_moe x n_experts)...]
-    interval = torch.zeros(6 + n_moe * model_cfg.n_experts, dtype=torch.float64)  # their sums since the last log
-    steps_in_interval, bad_in_a_row, t_log = 0, 0, time.perf_counter()
-    positions = [0, 0, 0, 0]  # this rank's encoder real tokens, encoder positions, decoder likewise, since the last log
+    interval = Interval(n_moe, model_cfg.n_experts)   # sums since the last "train" event
+    bad_in_a_row = 0
     for step in range(start_step, max_steps):
         lr = cfg.learning_rate * lr_factor(step, max_steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        stats = torch.zeros_like(interval, device=device)
+        # on the device, read once per step: the LM, aux and z losses and the expert loads, summed over micro-batches
+        losses = torch.zeros(3, dtype=torch.float64, device=device)
+        load = torch.zeros(n_moe, model_cfg.n_experts, dtype=torch.float64, device=device)
+        work = torch.zeros(2, dtype=torch.float64)   # this rank's raw document tokens (max_tokens' unit), FLOPs
         for micro in range(accum):
             g = (step * accum + micro) * world + rank
-            # Built here, not prefetched: the corruption is vectorised numpy, ~1% of a GPU step (ul2.py).
+            # Built and checked here on the CPU (no device sync), not prefetched: the corruption is vectorised
+            # numpy, ~1% of a GPU step (ul2.py), and the device is still busy with the previous micro-batch.
             batch = batches.batch(g)
-            enc_real, dec_real = int(batch.attention_mask.sum()), int((batch.labels != -100).sum())
-            positions = [positions[0] + enc_real, positions[1] + batch.input_ids.numel(),
-                         positions[2] + dec_real, positions[3] + batch.labels.numel()]
-            stats[3] += float(doc_lengths[batches.indices(g)].sum())
-            stats[4] += raw_model.train_flops(enc_real, dec_real, batch.input_ids.shape[1], batch.labels.shape[1])
+            check_batch(batch, model_cfg)
+            enc_real, dec_real = interval.count(batch)
+            work += torch.tensor([float(doc_lengths[batches.indices(g)].sum()), raw_model.train_flops(
+                enc_real, dec_real, batch.input_ids.shape[1], batch.labels.shape[1])], dtype=torch.float64)
             batch = batch.to(device)
-            if cfg.compile and cfg.pack:
+            if cfg.compile:
                 batch.mark_dynamic()      # row counts and gathered key width vary: compile the step once
             torch.manual_seed((cfg.seed << 32) + g)  # dropout masks, like the data, depend on (seed, g) only
             # DDP: all-reduce the gradients only after the last micro-batch (no_sync covers forward+backward)
             sync = nullcontext() if not ddp or micro == accum - 1 else train_model.no_sync()
             with sync:
                 with autocast:
-                    out = train_model(*batch)
+                    out = train_model(batch)
                     loss = out.loss + out.aux_loss + out.z_loss  # the LM loss plus the MoE losses, optimized together
                 (loss / accum).backward()
-            stats[:3] += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach().double()
+            losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
             if out.expert_load is not None:
-                stats[6:] += out.expert_load.detach().flatten().double()
-        if ddp:
-            dist.all_reduce(stats)  # (the gradients were all-reduced by DDP during the last backward)
-        stats[:3] /= accum * world
-        stats[6:] /= accum * world
-        step_loss = float(stats[:3].sum())
+                load += out.expert_load.detach()
+        losses, load, work = sum_over_ranks([losses, load, work.to(device)], ddp)
+        lm, aux, z = (losses / (accum * world)).tolist()   # the step's one wait for the device
+        step_loss = lm + aux + z
+        interval.tokens, interval.flops = interval.tokens + float(work[0]), interval.flops + float(work[1])
+        tokens_seen += int(work[0])
         # (the loss and the gradients are identical on every rank after the all-reduces: all skip or none)
         grad_norm, updated = guarded_step(raw_model, optimizer, cfg.grad_clip, step_loss)
-        stats[5] = grad_norm
         if updated:
             bad_in_a_row = 0
-            interval += stats.cpu()
-            steps_in_interval += 1
+            interval.add_step(lm, aux, z, grad_norm, load / (accum * world))
         else:
             bad_in_a_row += 1
             log({"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
@@ -360,21 +363,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                     else "no checkpoint was written yet"
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; {kept}. "
                                  "Lower learning_rate or check the data before resuming")
-        tokens_seen += int(stats[3])
         bar.update(1)
         done = step + 1
 
-        if (done % cfg.log_interval == 0 or done == max_steps) and steps_in_interval:
-            dt = time.perf_counter() - t_log
-            mean = interval / steps_in_interval
-            event = {"event": "train", "step": done, "tokens": tokens_seen, "loss": float(mean[:3].sum()),
-                     "lm_loss": float(mean[0]), "aux_loss": float(mean[1]), "z_loss": float(mean[2]), "lr": lr,
-                     "grad_norm": float(mean[5]), "tok_per_s": float(interval[3]) / dt,
-                     "mfu": float(interval[4]) / dt / (peak * world) if peak else None,
-                     "enc_real": positions[0] / positions[1], "dec_real": positions[2] / positions[3]}
-            load = mean[6:].view(n_moe, -1) if n_moe else None
-            if load is not None:
-                event["expert_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
+        if (done % cfg.log_interval == 0 or done == max_steps) and interval.steps:
+            event = {"event": "train", "step": done, "tokens": tokens_seen, **interval.means(), "lr": lr}
+            event["mfu"] = event.pop("flop_per_s") / (peak * world) if peak else None
             log(event)
             bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{lr:.2e}")
             say(f"step {done}: loss {event['loss']:.4f} (lm {event['lm_loss']:.4f} aux {event['aux_loss']:.4f} "
@@ -382,9 +376,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 f"{event['tok_per_s']:,.0f} tok/s" + (f" | mfu {event['mfu']:.1%}" if peak else "")
                 + f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec"
                 # load x n_experts: 1.0 = perfectly balanced; the busiest expert of the worst layer
-                + (f" | max expert load {float(load.max()) * model_cfg.n_experts:.2f}x" if n_moe else ""))
-            interval.zero_()
-            steps_in_interval, t_log, positions = 0, time.perf_counter(), [0, 0, 0, 0]
+                + (f" | max expert load {max(map(max, event['expert_load'])) * model_cfg.n_experts:.2f}x" if n_moe else ""))
+            interval = Interval(n_moe, model_cfg.n_experts)
 
         if done % cfg.eval_interval == 0 or done == max_steps:
             t_eval = time.perf_counter()
@@ -398,7 +391,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k not in ("step", "tokens", "docs")}}
                 say(f"final: {eval_line(full)} on the full validation split ({len(val_docs):,} documents)")
             save(done)
-            t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+            interval.t0 += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
     return {**last_eval, "max_steps": max_steps}
 
@@ -464,35 +457,90 @@ def guarded_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_
     return grad_norm, updated
 
 
+def sum_over_ranks(tensors: list[torch.Tensor], ddp: bool) -> list[torch.Tensor]:
+    """Sums over this rank's micro-batches -> sums over every rank's, with one all-reduce for all of them."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    if ddp:
+        dist.all_reduce(flat)  # (the gradients were all-reduced by DDP during the last backward)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+class Interval:
+    """What a "train" event reports, summed since the last one: the losses of the updates made, the tokens and
+    FLOPs of every step (all ranks; a skipped step's time and work count for the throughput), and the real
+    tokens of this rank's rows (counted from the batches on the CPU)."""
+
+    def __init__(self, n_moe: int, n_experts: int):
+        self.steps, self.t0 = 0, time.perf_counter()
+        self.lm = self.aux = self.z = self.grad_norm = self.flops = 0.0
+        self.tokens = 0.0   # raw document tokens
+        self.enc_real = self.enc_positions = self.dec_real = self.dec_positions = 0
+        self.load = torch.zeros(n_moe, n_experts, dtype=torch.float64)
+
+    def count(self, batch: Batch) -> tuple[int, int]:
+        """A micro-batch of this rank: its real encoder and decoder tokens, counted against its row positions."""
+        enc_real, dec_real = int((batch.segment_ids > 0).sum()), int((batch.labels != -100).sum())
+        self.enc_real, self.enc_positions = self.enc_real + enc_real, self.enc_positions + batch.input_ids.numel()
+        self.dec_real, self.dec_positions = self.dec_real + dec_real, self.dec_positions + batch.labels.numel()
+        return enc_real, dec_real
+
+    def add_step(self, lm: float, aux: float, z: float, grad_norm: float, load: torch.Tensor) -> None:
+        """An update was made, with these losses (means over the step's micro-batches and ranks)."""
+        self.steps += 1
+        self.lm, self.aux, self.z, self.grad_norm = self.lm + lm, self.aux + aux, self.z + z, self.grad_norm + grad_norm
+        self.load += load.cpu()
+
+    def means(self) -> dict:
+        dt, n = time.perf_counter() - self.t0, self.steps
+        event = {"loss": (self.lm + self.aux + self.z) / n, "lm_loss": self.lm / n, "aux_loss": self.aux / n,
+                 "z_loss": self.z / n, "grad_norm": self.grad_norm / n, "tok_per_s": self.tokens / dt,
+                 "flop_per_s": self.flops / dt, "enc_real": self.enc_real / self.enc_positions,
+                 "dec_real": self.dec_real / self.dec_positions}
+        if self.load.numel():
+            event["expert_load"] = [[round(x, 4) for x in row] for row in (self.load / n).tolist()]
+        return event
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches, device: torch.device, autocast, ddp: bool,
-                    mode_ids: dict[str, int]) -> dict:
+                    mode_ids: dict[str, int], compiled: bool = False) -> dict:
     """Token-weighted mean LM loss (and MoE losses) over this rank's eval batches, summed over ranks, and the LM
-    loss of each UL2 mode (the mode token a row starts with; None for a mode no row has), as UL2 reports its
-    denoisers apart (Tay et al. 2022, sec. 4). A batch runs as one forward per mode over its rows of that mode;
-    rows are independent, so the losses equal one forward per batch up to fp32 rounding (tests check it) and
-    val_loss is the token-weighted mean of the per-mode losses. (MoE: the aux and z losses, batch statistics,
-    are those of the per-mode forwards.)"""
+    loss of each UL2 mode (None for a mode no example has), as UL2 reports its denoisers apart (Tay et al. 2022,
+    sec. 4). One forward per packed batch: each label's loss counts for the mode its example's input starts
+    with. (MoE: the aux and z losses, batch statistics, are weighted by the batch's labels.)"""
     model.eval()
-    sums = torch.zeros(len(MODES), 4, dtype=torch.float64, device=device)  # per mode: lm*n, aux*n, z*n, n labels
+    modes = torch.tensor([mode_ids[m] for m in MODES], device=device)
+    sums = torch.zeros(len(MODES), 2, dtype=torch.float64, device=device)  # per mode: loss, labels
+    moe = torch.zeros(2, dtype=torch.float64, device=device)                # aux * labels, z * labels
     for batch in batches:
-        for m, mode in enumerate(MODES):
-            rows = batch.input_ids[:, 0] == mode_ids[mode]
-            if not rows.any():
-                continue
-            sub = Batch(*(t[rows] for t in batch[:4])).to(device)   # (one example per row: no segment ids)
-            with autocast:
-                out = model(*sub)
-            n = (sub.labels != -100).sum()
-            sums[m] += torch.stack([out.loss * n, out.aux_loss * n, out.z_loss * n, n.float()]).double()
+        mode = example_modes(batch)[batch.decoder_segment_ids]   # (B_dec, T) each label's mode, on the CPU
+        batch, mode = batch.to(device), mode.to(device)
+        if compiled:
+            batch.mark_dynamic()
+        with autocast:
+            out = model(batch._replace(labels=None))
+        token_loss = lm_loss(out.logits, batch.labels, reduction="none")           # (B_dec, T), 0 where ignored
+        which = (mode[..., None] == modes) & (batch.labels != -100)[..., None]      # (B_dec, T, n_modes)
+        sums[:, 0] += (which * token_loss[..., None]).sum((0, 1))
+        sums[:, 1] += which.sum((0, 1))
+        moe += torch.stack([out.aux_loss, out.z_loss]) * (batch.labels != -100).sum()
     if ddp:
         dist.all_reduce(sums)
+        dist.all_reduce(moe)
     model.train()
-    total = sums.sum(0)
-    lm, aux, z = (total[:3] / total[3]).tolist()
-    per_mode = {f"val_loss_{mode}": float(sums[m, 0] / sums[m, 3]) if sums[m, 3] else None
-                for m, mode in enumerate(MODES)}
-    return {"val_loss": lm, "val_aux_loss": aux, "val_z_loss": z, **per_mode}
+    (per_mode, counts), total = sums.T.tolist(), float(sums[:, 1].sum())
+    aux, z = (moe / total).tolist()
+    return {"val_loss": sum(per_mode) / total, "val_aux_loss": aux, "val_z_loss": z,
+            **{f"val_loss_{m}": loss / n if n else None for m, loss, n in zip(MODES, per_mode, counts)}}
+
+
+def example_modes(batch: Batch) -> torch.Tensor:
+    """(n_examples + 1,) the first input token of each example (UL2's mode token), by segment id; 0 for padding."""
+    seg, ids = batch.segment_ids.flatten(), batch.input_ids.flatten()
+    first = torch.ones_like(seg, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    first &= seg > 0
+    return torch.zeros(int(seg.max()) + 1, dtype=ids.dtype).scatter(0, seg[first], ids[first])
 
 
 def eval_line(e: dict) -> str:

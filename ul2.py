@@ -58,25 +58,24 @@ two X masks together and had no mode tokens.
 Batches (`UL2Batches`): each step takes `batch_size` documents per rank from a per-epoch permutation
 (every document exactly once per epoch over all ranks), draws a denoiser per example, crops long documents
 to the largest window whose inputs fit `encoder_len` and targets fit `decoder_len` (exact, because the
-counts above depend on L only), and pads to the batch's longest row rounded up to a multiple of 8. All
+counts above depend on L only), and lays the examples out in rows (`pack_examples`): several per row,
+encoder and decoder sides packed apart (pack=True, what training and evaluation use), or one per row. All
 randomness comes from np.random.default_rng([seed, step, rank]), so a resumed run or another DDP rank
 reproduces its batches exactly; a validation set is just UL2Batches(val_docs, ..., seed=fixed).
 
 Speed: the corruption is vectorised over the whole batch (no per-token Python; per document only the
-crop/slice; the random segmentations of a batch share one row-wise sort). `benchmark_docs_per_s` times
-UL2Batches.batch end to end: on one core of the dev machine, ~110k TinyStories documents (~210 tokens)/s at
-batch_size 64, ~45k/s at batch_size 8 where a fixed ~170 us per batch (about 100 small numpy calls) dominates.
+crop/slice; the random segmentations of a batch share one row-wise sort): on one core, tens of thousands of
+TinyStories documents per second (bench.py section d), ~1% of a GPU training step.
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from model import Batch, shift_right
 
 
 class Denoiser(NamedTuple):
@@ -250,36 +249,6 @@ def _round_up_8(n: int) -> int:
     return -(-n // 8) * 8
 
 
-class Batch(NamedTuple):
-    """The arguments of ROT5.forward, in its order: model(*batch). Packed rows hold several examples each, and
-    then the encoder's B and the decoder's B differ (pack_examples)."""
-    input_ids: torch.Tensor           # (B, T_enc) int64: [mode] + body + [eos] per example, pad after
-    attention_mask: torch.Tensor      # (B, T_enc) int64: 1 on tokens, 0 on pad
-    decoder_input_ids: torch.Tensor   # (B, T_dec) int64: per example pad (= start token) + its labels[:-1]; pad after
-    labels: torch.Tensor              # (B, T_dec) int64: targets + [eos] per example, -100 after
-    segment_ids: torch.Tensor | None = None          # packed: (B, T_enc) int64, k on example k of the batch, 0 on pad
-    decoder_segment_ids: torch.Tensor | None = None  # packed: (B_dec, T_dec) likewise
-    cross_index: torch.Tensor | None = None          # packed: (B_dec, X) int64, the flat encoder positions
-                                                     # b * T_enc + t a decoder row's examples read, -1 after
-
-    def to(self, device, non_blocking: bool = True) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
-
-    def pin_memory(self) -> Batch:
-        return Batch(*(None if t is None else t.pin_memory() for t in self))
-
-    def mark_dynamic(self) -> Batch:
-        """For torch.compile: packed batches' row counts and gathered key width vary from one micro-batch to
-        the next. Marked dynamic, the step compiles once with symbolic sizes, instead of again at the first
-        change of each (twice more, ~60 s each for the tests' tiny model on 2 CPU cores)."""
-        for t in self:
-            if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        if self.cross_index is not None:
-            torch._dynamo.maybe_mark_dynamic(self.cross_index, 1)
-        return self
-
-
 _PERM_TAG, _EVAL_TAG = 0x5EED_0001, 0x5EED_0002   # keep permutation/eval streams apart from (seed, step, rank)
 
 
@@ -333,15 +302,6 @@ class UL2Batches:
         assert fits[:window + 1].all()   # counts grow with L, so the windows that fit are a prefix
         return window
 
-    @property
-    def docs_per_epoch(self) -> int:
-        return len(self.docs)
-
-    @property
-    def docs_per_step(self) -> int:
-        """Documents per optimizer step over all ranks."""
-        return self.batch_size * self.world_size
-
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             perm = np.random.default_rng([self.seed, _PERM_TAG, epoch]).permutation(len(self.docs))
@@ -368,44 +328,6 @@ class UL2Batches:
                 yield self._make(np.arange(start, min(start + self.batch_size, n)),
                                  np.random.default_rng([self.seed, _EVAL_TAG, i]))
 
-    def iter_from(self, step: int = 0, prefetch: int = 2) -> Iterator[Batch]:
-        """batch(step), batch(step + 1), ... built by a background thread (numpy releases the GIL), pinned when
-        CUDA is available so .to(device, non_blocking=True) overlaps the copy."""
-        q: queue.Queue = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
-        pin = torch.cuda.is_available()
-
-        def work() -> None:
-            s = step
-            while not stop.is_set():
-                try:
-                    item: Batch | BaseException = self.batch(s)
-                    item = item.pin_memory() if pin else item
-                except BaseException as e:   # hand it to the consumer, which re-raises it
-                    item = e
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if isinstance(item, BaseException):
-                    return
-                s += 1
-
-        threading.Thread(target=work, daemon=True, name="ul2-prefetch").start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iter_from(0)
-
     def _make(self, idx: np.ndarray, rng: np.random.Generator) -> Batch:
         B, tok = len(idx), self.tok
         u_which, u_split, u_crop = rng.random((3, B))
@@ -430,58 +352,36 @@ class UL2Batches:
                              f"documents must be plain text ids from the {tok.name!r} tokenizer")
         ins, in_len, tgt, tgt_len = _corrupt_flat(tokens, lengths, is_span, self.noise_density[which],
                                                   self.mean_span[which], split_full - start, rng, tok)
-        if self.pack:
-            return self._packed(ins, in_len, tgt, tgt_len, self.mode_ids[which])
-
-        T_in, T_out = self.encoder_len, self.decoder_len
-        if not self.static_shapes:   # pad to the batch's longest row, rounded up to a multiple of 8
-            T_in = min(T_in, _round_up_8(int(in_len.max()) + 2))
-            T_out = min(T_out, _round_up_8(int(tgt_len.max()) + 1))
-        rows = np.arange(B)
-        input_ids = np.full((B, T_in), tok.pad_id, np.int64)
-        col = np.arange(T_in)
-        input_ids[(col >= 1) & (col <= in_len[:, None])] = ins    # boolean-mask assignment fills row-major
-        input_ids[:, 0] = self.mode_ids[which]
-        input_ids[rows, in_len + 1] = tok.eos_id
-        labels = np.full((B, T_out), -100, np.int64)
-        labels[np.arange(T_out) < tgt_len[:, None]] = tgt
-        labels[rows, tgt_len] = tok.eos_id
-        decoder_input_ids = np.full((B, T_out), tok.pad_id, np.int64)
-        decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == -100, tok.pad_id, labels[:, :-1])
-        return Batch(torch.from_numpy(input_ids), torch.from_numpy((input_ids != tok.pad_id).astype(np.int64)),
-                     torch.from_numpy(decoder_input_ids), torch.from_numpy(labels))
-
-
-    def _packed(self, ins: np.ndarray, in_len: np.ndarray, tgt: np.ndarray, tgt_len: np.ndarray,
-                modes: np.ndarray) -> Batch:
-        """The examples (bodies concatenated, as _corrupt_flat returns them) as [mode] + body + [eos] inputs and
-        targets + [eos], laid out in packed rows by pack_examples."""
-        eos = self.tok.eos_id
-        enc_len, dec_len = in_len + 2, tgt_len + 1
+        eos = tok.eos_id
+        enc_len, dec_len = in_len + 2, tgt_len + 1                   # [mode] + body + [eos]; body + [eos]
         enc0, dec0 = np.cumsum(enc_len) - enc_len, np.cumsum(dec_len) - dec_len   # each example's start
         inputs = np.empty(int(enc_len.sum()), np.int64)
         inputs[np.repeat(enc0 + 1, in_len) + _ranks(in_len)] = ins
-        inputs[enc0], inputs[enc0 + enc_len - 1] = modes, eos
+        inputs[enc0], inputs[enc0 + enc_len - 1] = self.mode_ids[which], eos
         targets = np.full(int(dec_len.sum()), eos, np.int64)
         targets[np.repeat(dec0, tgt_len) + _ranks(tgt_len)] = tgt
-        return pack_examples(inputs, enc_len, targets, dec_len, self.encoder_len, self.decoder_len, self.tok.pad_id,
-                             self.static_shapes)
+        return pack_examples(inputs, enc_len, targets, dec_len, self.encoder_len, self.decoder_len, tok.pad_id,
+                             self.static_shapes, self.pack)
 
 
 def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarray, target_lens: np.ndarray,
-                  encoder_len: int, decoder_len: int, pad_id: int, static_shapes: bool) -> Batch:
-    """(inputs, targets) examples -> a Batch of packed rows (T5's trim_and_pack, seqio, with the two sides
-    packed apart): example i, with its input_lens[i] encoder tokens (inputs: all examples concatenated) and
-    its target_lens[i] labels (targets, likewise; eos included), is segment i + 1 of the micro-batch on both
-    sides, at enc_at[i] of encoder row enc_row[i] and at dec_at[i] of decoder row dec_row[i] (pack_rows). The
-    decoder reads each example's labels shifted right after its own start token (pad), and cross_index tells
-    every decoder row which encoder positions hold its examples' inputs, in its segment order (-1 after).
+                  encoder_len: int, decoder_len: int, pad_id: int, static_shapes: bool, pack: bool = True) -> Batch:
+    """(inputs, targets) examples -> the rows of a Batch. Example i, with its input_lens[i] encoder tokens
+    (inputs: all examples concatenated) and its target_lens[i] labels (targets, likewise; eos included), is
+    segment i + 1 of the batch on both sides, at enc_at[i] of encoder row enc_row[i] and at dec_at[i] of decoder
+    row dec_row[i]. pack=True: several examples per row (T5's trim_and_pack, seqio, with the two sides packed
+    apart: pack_rows), and cross_index tells every decoder row which encoder positions hold its examples'
+    inputs, in its segment order (-1 after); pack=False: example i alone in row i of each side.
     Rows are encoder_len / decoder_len long with static_shapes, else as long as the longest row needs, rounded
     up to a multiple of 8 (cross_index: of 128, FlexAttention's key block, so that no key block is partial).
     One scatter per array: no per-token Python."""
-    enc_row, enc_at = pack_rows(input_lens, encoder_len)
-    dec_row, dec_at = pack_rows(target_lens, decoder_len)
-    seg = np.arange(1, len(input_lens) + 1)
+    n = len(input_lens)
+    if pack:
+        (enc_row, enc_at), (dec_row, dec_at) = pack_rows(input_lens, encoder_len), pack_rows(target_lens, decoder_len)
+    else:
+        enc_row = dec_row = np.arange(n)
+        enc_at = dec_at = np.zeros(n, np.int64)
+    seg = np.arange(1, n + 1)
     T_in, T_out = encoder_len, decoder_len
     if not static_shapes:
         T_in = min(T_in, _round_up_8(int((enc_at + input_lens).max())))
@@ -493,27 +393,21 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
     input_ids[at_in], segment_ids[at_in] = inputs, np.repeat(seg, input_lens)
     labels, decoder_segment_ids = np.full(R_out * T_out, -100, np.int64), np.zeros(R_out * T_out, np.int64)
     labels[at_out], decoder_segment_ids[at_out] = targets, np.repeat(seg, target_lens)
-    decoder_input_ids = np.full(R_out * T_out, pad_id, np.int64)     # the start token (pad) at each example's start
-    first = np.cumsum(target_lens) - target_lens
-    shifted = np.ones(len(targets), bool)
-    shifted[first] = False                                           # every label but the last moves one right
-    last = np.ones(len(targets), bool)
-    last[first + target_lens - 1] = False
-    decoder_input_ids[at_out[shifted]] = targets[last]
-    # cross_index: decoder row r reads its examples' encoder positions back to back, in decoder order
-    order = np.lexsort((dec_at, dec_row))
-    lens = input_lens[order]
-    before = np.cumsum(lens) - lens                                  # encoder tokens of earlier examples
-    row_start = np.r_[True, dec_row[order][1:] != dec_row[order][:-1]]
-    key_at = before - np.maximum.accumulate(np.where(row_start, before, 0))   # ... in the same decoder row
-    X = -(-int((key_at + lens).max()) // 128) * 128      # a whole number of FlexAttention's 128-key blocks
-    cross_index = np.full(R_out * X, -1, np.int64)
-    cross_index[np.repeat(dec_row[order] * X + key_at, lens) + _ranks(lens)] = \
-        np.repeat((enc_row * T_in + enc_at)[order], lens) + _ranks(lens)
     enc = [torch.from_numpy(a.reshape(R_in, T_in)) for a in (input_ids, segment_ids)]
-    dec = [torch.from_numpy(a.reshape(R_out, T_out)) for a in (decoder_input_ids, labels, decoder_segment_ids)]
-    return Batch(enc[0], (enc[1] > 0).long(), dec[0], dec[1], enc[1], dec[2],
-                 torch.from_numpy(cross_index.reshape(R_out, X)))
+    labels, dseg = (torch.from_numpy(a.reshape(R_out, T_out)) for a in (labels, decoder_segment_ids))
+    cross_index = None
+    if pack:  # decoder row r reads its examples' encoder positions back to back, in decoder order
+        order = np.lexsort((dec_at, dec_row))
+        lens = input_lens[order]
+        before = np.cumsum(lens) - lens                                  # encoder tokens of earlier examples
+        row_start = np.r_[True, dec_row[order][1:] != dec_row[order][:-1]]
+        key_at = before - np.maximum.accumulate(np.where(row_start, before, 0))   # ... in the same decoder row
+        X = -(-int((key_at + lens).max()) // 128) * 128      # a whole number of FlexAttention's 128-key blocks
+        index = np.full(R_out * X, -1, np.int64)
+        index[np.repeat(dec_row[order] * X + key_at, lens) + _ranks(lens)] = \
+            np.repeat((enc_row * T_in + enc_at)[order], lens) + _ranks(lens)
+        cross_index = torch.from_numpy(index.reshape(R_out, X))
+    return Batch(enc[0], enc[1], shift_right(labels, dseg, pad_id), dseg, labels, cross_index)
 
 
 def pack_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -541,54 +435,31 @@ def pack_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray
     return row, at
 
 
-def benchmark_docs_per_s(docs: Sequence, tok, mixture: str = "ul2", batch_size: int = 64, seconds: float = 3.0,
-                         encoder_len: int = 512, decoder_len: int = 256) -> float:
-    """Documents per CPU-second through UL2Batches.batch (sampling, cropping, corruption, padding, tensors)
-    on the calling thread. CPU time, not wall time, so that other processes on a shared machine don't skew
-    it; run with OMP_NUM_THREADS=1 for a one-core number."""
-    batches = UL2Batches(docs, tok, mixture, encoder_len, decoder_len, batch_size, seed=0)
-    batches.batch(0)                                    # warm up (permutation, allocations)
-    n, step, t0 = 0, 1, time.process_time()
-    while (elapsed := time.process_time() - t0) < seconds:
-        batches.batch(step)
-        n, step = n + batch_size, step + 1
-    return n / elapsed
-
-
-def continuation_batches(docs: Sequence, tok, batch_size: int, n_docs: int | None = None, rank: int = 0,
-                         world_size: int = 1) -> Iterator[Batch]:
+def continuation_batches(docs: Sequence, tok, batch_size: int, encoder_len: int, decoder_len: int,
+                         n_docs: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
     """The continuation-loss evaluation: every document split at half its tokens, in the S-denoiser's format,
 
         inputs  [S] + doc[:L // 2] + [eos]        targets  doc[L // 2:] + [eos]
 
     so that the loss on the targets says how well the model continues a story it has read half of. Completing
     the beginnings of held-out stories is how TinyStories compares its models (Eldan & Li 2023, sec. 3, graded
-    there by GPT-4); the likelihood of the true ending is the automatic form of it. Unlike
-    eval_batches there is no randomness and no cropping: the first n_docs documents (all by default) whole,
-    whatever encoder_len / decoder_len the run trains with, so runs with different windows compare. They are
-    batched in order of length (stable), which keeps padding small; this rank yields batches i with
-    i % world_size == rank. The mean over the targets does not depend on the batching.
-    """
+    there by GPT-4); the likelihood of the true ending is the automatic form of it. Unlike eval_batches there
+    is no randomness and no cropping: the first n_docs documents (all by default) whole, whatever windows the
+    run trains with, so runs with different windows compare. They are packed like training rows, into rows of
+    encoder_len / decoder_len (longer when a document needs it); this rank yields batches i with
+    i % world_size == rank. The mean over the targets does not depend on the batching."""
     n = len(docs) if n_docs is None else min(n_docs, len(docs))
-    lengths = np.array([len(docs[i]) for i in range(n)], dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
     for i, start in enumerate(range(0, n, batch_size)):
         if i % world_size != rank:
             continue
-        idx = order[start:start + batch_size]
-        rows = [np.asarray(docs[j], dtype=np.int64) for j in idx.tolist()]
+        rows = [np.asarray(docs[j], dtype=np.int64) for j in range(start, min(start + batch_size, n))]
         if any(len(d) and d.max() >= tok.pad_id for d in rows):
             raise ValueError(f"a document holds an id >= {tok.pad_id} (pad/mode/sentinel ids): documents must be "
                              f"plain text ids from the {tok.name!r} tokenizer")
-        half = lengths[idx] // 2                                                   # (B,)
-        B, T_in, T_out = len(rows), int(half.max()) + 2, int((lengths[idx] - half).max()) + 1
-        input_ids = np.full((B, T_in), tok.pad_id, np.int64)
-        labels = np.full((B, T_out), -100, np.int64)
-        input_ids[:, 0] = tok.mode_ids["S"]
-        for r, (doc, h) in enumerate(zip(rows, half.tolist())):
-            input_ids[r, 1:h + 1], input_ids[r, h + 1] = doc[:h], tok.eos_id
-            labels[r, :len(doc) - h], labels[r, len(doc) - h] = doc[h:], tok.eos_id
-        decoder_input_ids = np.full((B, T_out), tok.pad_id, np.int64)
-        decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == -100, tok.pad_id, labels[:, :-1])
-        yield Batch(torch.from_numpy(input_ids), torch.from_numpy((input_ids != tok.pad_id).astype(np.int64)),
-                    torch.from_numpy(decoder_input_ids), torch.from_numpy(labels))
+        half = [len(d) // 2 for d in rows]
+        inputs = [np.concatenate([[tok.mode_ids["S"]], d[:h], [tok.eos_id]]) for d, h in zip(rows, half)]
+        targets = [np.concatenate([d[h:], [tok.eos_id]]) for d, h in zip(rows, half)]
+        in_len, tgt_len = np.array([len(x) for x in inputs]), np.array([len(y) for y in targets])
+        yield pack_examples(np.concatenate(inputs), in_len, np.concatenate(targets), tgt_len,
+                            max(encoder_len, int(in_len.max())), max(decoder_len, int(tgt_len.max())), tok.pad_id,
+                            static_shapes=False)

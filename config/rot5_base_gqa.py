@@ -6,6 +6,7 @@ dataset = "tinystories"
 epochs = 1.0
 batch_size = 300        # documents per optimizer step, over all ranks and accumulation steps
 micro_batch_size = 30   # per rank per forward; grad accumulation = batch_size / (micro_batch_size * world_size)
+compile = True          # one graph per step; on a GPU its attention is FlexAttention (README, "Attention kernels")
 
 d_model = 768
 n_heads = 12

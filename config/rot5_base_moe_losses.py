@@ -5,6 +5,7 @@ dataset = "tinystories"
 epochs = 1.0
 batch_size = 256
 micro_batch_size = 32
+compile = True          # one graph per step; on a GPU its attention is FlexAttention (README, "Attention kernels")
 
 d_model = 768
 n_heads = 12

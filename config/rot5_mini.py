@@ -8,6 +8,7 @@ epochs = 2.0
 batch_size = 1280
 micro_batch_size = 64   # 20 accumulation steps on one GPU; with torchrun, per GPU
 eval_interval = 250     # 2 x 2,476,533 documents / 1280 = 3,870 steps: ~15 points on the validation curve
+compile = True          # one graph per step; on a GPU its attention is FlexAttention (README, "Attention kernels")
 
 d_model = 512
 n_heads = 16

@@ -21,7 +21,7 @@ def keep_torch_threads():
 def test_quick_run_prints_every_section(capsys):
     rows = bench.main(["--quick", "--threads", "1"])
     out = capsys.readouterr().out
-    assert {r.section for r in rows} == set("abcdefgh")
+    assert {r.section for r in rows} == set("abcdefghi")
     assert "torch " in out and "cores" in out                                # the machine line
     table = out[out.index("benchmark"):]
     for r in rows:
@@ -43,5 +43,5 @@ def test_markdown_table_and_section_selection(capsys):
 
 
 def test_bad_section_is_one_clear_line():
-    with pytest.raises(SystemExit, match="choose sections among a,b,c,d,e,f,g,h"):
+    with pytest.raises(SystemExit, match="choose sections among a,b,c,d,e,f,g,h,i"):
         bench.main(["--quick", "--only", "a,z"])

@@ -24,7 +24,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import ul2  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from model import ROT5, ROT5Config  # noqa: E402
+from model import ROT5, ROT5Config, shift_right  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 TINY_MODEL = ["--d_model=64", "--n_heads=4", "--head_dim=16", "--n_kv_heads=2", "--d_ff=128",
@@ -132,16 +132,15 @@ def test_summarize_format_and_collate_on_real_pairs():
     assert not cut and tok.decode(ids) == "[S] Summarize: " + records[0]["Story"]
     assert ids[0] == tok.mode_ids["S"] and ids[-1] == tok.eos_id
 
-    batch, n_cut = finetune.collate(pairs, tok, encoder_len=100, decoder_len=40)
-    assert n_cut == 3 and batch["input_ids"].shape == (3, 100)  # every story is > 100 tokens: all cut to fit
-    assert (batch["input_ids"][:, -1] == tok.eos_id).all() and batch["attention_mask"].all()
+    batch, n_cut = finetune.collate(pairs, tok, encoder_len=100, decoder_len=40, pack=False)
+    assert n_cut == 3 and batch.input_ids.shape == (3, 100)  # every story is > 100 tokens: all cut to fit
+    assert (batch.input_ids[:, -1] == tok.eos_id).all() and (batch.segment_ids > 0).all()
     # labels = summary + eos (cut to 40), -100 after; the longest is the 47-token summary cut to 39 + eos
-    for (_, summary), labels in zip(pairs, batch["labels"].tolist()):
+    for (_, summary), labels in zip(pairs, batch.labels.tolist()):
         want = [int(i) for i in summary[:39]] + [tok.eos_id]
         assert labels[:len(want)] == want and set(labels[len(want):]) <= {-100}
-    # decoder inputs: the labels shifted right behind the start token, exactly as the model builds them
-    model = ROT5(ROT5Config(d_model=8, n_heads=1, head_dim=8, n_kv_heads=1, d_ff=8, n_encoder_layers=1, n_decoder_layers=1))
-    assert torch.equal(batch["decoder_input_ids"], model.shift_right(batch["labels"]))
+    # decoder inputs: the labels shifted right behind the start token, the one rule the model's batches follow
+    assert torch.equal(batch.decoder_input_ids, shift_right(batch.labels, batch.decoder_segment_ids, tok.pad_id))
 
 
 def test_fill_gaps_inverts_ul2_span_corruption_on_real_stories():
@@ -247,13 +246,14 @@ def test_sample_cli_missing_checkpoint_exits_with_one_line(tmp_path):
 def test_sample_never_generates_non_text_tokens(run, capsys, monkeypatch):
     """continue/summarize suppress pad, mode tokens and sentinels; fill keeps the sentinels it must write.
     (That suppression itself equals HF's: tests/test_hf_parity.py.)"""
-    tok, seen, generate = get_tokenizer(), {}, ROT5.generate
+    import sample
+    tok, seen, generate = get_tokenizer(), {}, sample.generate
 
-    def recording_generate(self, *args, **kwargs):
+    def recording_generate(*args, **kwargs):
         seen["suppress"] = kwargs["suppress_tokens"]
-        return generate(self, *args, **kwargs)
+        return generate(*args, **kwargs)
 
-    monkeypatch.setattr(ROT5, "generate", recording_generate)
+    monkeypatch.setattr(sample, "generate", recording_generate)
     sample_main(["--ckpt", run["pre"], "--max-new-tokens", "4", "--prompt", real_stories(1)[0][:60]], capsys)
     assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values(), *tok.sentinel_ids}
     sample_main(["--ckpt", run["pre"], "--mode", "fill", "--max-new-tokens", "4", "--prompt", "Lily <extra_id_0>."], capsys)

@@ -1,4 +1,4 @@
-"""ROT5.from_hf_t5 reproduces Hugging Face T5 (v1.0: relu, tied, scaled output; v1.1: gated-gelu, untied):
+"""hf_t5.from_hf_t5 reproduces Hugging Face T5 (v1.0: relu, tied, scaled output; v1.1: gated-gelu, untied):
 logits, loss, greedy decoding and beam search. Random-init HF models built offline from T5Config, prompts are
 real story lines. transformers is a test-only dependency."""
 from pathlib import Path
@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ROT5
+from generate import generate
+from hf_t5 import from_hf_t5
+from model import padded_batch, shift_right
 from tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -55,20 +57,21 @@ def until_eos(out: torch.Tensor, eos: int) -> list[list[int]]:
 @pytest.fixture(scope="module", params=["relu", "gated-gelu"])
 def pair(request):
     hf = hf_t5(request.param)
-    return hf, ROT5.from_hf_t5(hf).eval()
+    return hf, from_hf_t5(hf).eval()
 
 
 @pytest.mark.parametrize("ffn,dec_layers", [("relu", 2), ("gated-gelu", 2), ("gated-gelu", 3)])
 def test_logits_and_loss_match(ffn, dec_layers):
     hf = hf_t5(ffn, dec_layers)
-    model = ROT5.from_hf_t5(hf).eval()
+    model = from_hf_t5(hf).eval()
     assert model.cfg.tie_embeddings == (ffn == "relu") and model.cfg.n_decoder_layers == dec_layers
     x, am, labels = prompts()
     assert (am == 0).any()
+    hf_decoder_inputs = shift_right(labels, torch.ones_like(labels), model.cfg.pad_token_id)  # one segment a row
     with torch.no_grad():
         ref = hf(input_ids=x, attention_mask=am, labels=labels)
-        ours = model(x, am, decoder_input_ids=model.shift_right(labels))
-        loss = model(x, am, labels=labels).loss
+        ours = model(padded_batch(model.cfg, x, am, decoder_input_ids=hf_decoder_inputs))
+        loss = model(padded_batch(model.cfg, x, am, labels)).loss
     rel = ((ours.logits - ref.logits).abs().max() / ref.logits.abs().max()).item()
     print(f"{ffn} dec_layers={dec_layers}: max relative logit difference {rel:.2e}")
     assert rel < 1e-4
@@ -79,7 +82,7 @@ def test_greedy_generation_identical(pair):
     hf, model = pair
     x, am, _ = prompts()
     ref = hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, do_sample=False)[:, 1:]
-    ours = model.generate(x, am, max_new_tokens=MAX_NEW)
+    ours = generate(model, x, am, max_new_tokens=MAX_NEW)
     assert torch.equal(ours, ref)
 
 
@@ -88,8 +91,8 @@ def test_beam_search_matches_hf(pair):
     eos = model.cfg.eos_token_id
     x, am, _ = prompts()
     ref = until_eos(hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, num_beams=4)[:, 1:], eos)
-    ours = until_eos(model.generate(x, am, max_new_tokens=MAX_NEW, num_beams=4), eos)
-    greedy = until_eos(model.generate(x, am, max_new_tokens=MAX_NEW), eos)
+    ours = until_eos(generate(model, x, am, max_new_tokens=MAX_NEW, num_beams=4), eos)
+    greedy = until_eos(generate(model, x, am, max_new_tokens=MAX_NEW), eos)
     match = sum(a == b for a, b in zip(ours, ref)) / len(ref)
     print(f"{model.cfg.ffn}: beam search matches HF on {match:.0%} of {len(ref)} prompts")
     assert match >= 0.95
@@ -104,16 +107,16 @@ def test_suppress_tokens_match_hf(pair):
     hf, model = pair
     eos = model.cfg.eos_token_id
     x, am, _ = prompts()
-    free = model.generate(x, am, max_new_tokens=MAX_NEW)
+    free = generate(model, x, am, max_new_tokens=MAX_NEW)
     ids, counts = free[(free != eos) & (free != model.cfg.pad_token_id)].unique(return_counts=True)
     banned = ids[counts.argsort(descending=True)[:5]].tolist()
-    ours = model.generate(x, am, max_new_tokens=MAX_NEW, suppress_tokens=banned)
+    ours = generate(model, x, am, max_new_tokens=MAX_NEW, suppress_tokens=banned)
     ref = hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, do_sample=False,
                       suppress_tokens=banned)[:, 1:]
     assert torch.equal(ours, ref)
     assert not torch.isin(ours, torch.tensor(banned)).any()  # (pad after eos is not generated: not banned)
     assert sum(a != b for a, b in zip(until_eos(ours, eos), until_eos(free, eos))) >= 5
-    ours = until_eos(model.generate(x, am, max_new_tokens=MAX_NEW, num_beams=4, suppress_tokens=banned), eos)
+    ours = until_eos(generate(model, x, am, max_new_tokens=MAX_NEW, num_beams=4, suppress_tokens=banned), eos)
     ref = until_eos(hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, num_beams=4,
                                 suppress_tokens=banned)[:, 1:], eos)
     assert sum(a == b for a, b in zip(ours, ref)) / len(ref) >= 0.95

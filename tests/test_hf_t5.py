@@ -1,4 +1,4 @@
-"""Hugging Face T5 in and out of ROT5, offline: ROT5.to_hf_t5 inverts from_hf_t5 exactly; every checkpoint exports
+"""Hugging Face T5 in and out of ROT5, offline: hf_t5.to_hf_t5 inverts from_hf_t5 exactly; every checkpoint exports
 to safetensors and loads back to identical outputs; the T5 baseline exports to an HF T5 directory; finetune.py
 fine-tunes an HF T5 save_pretrained directory with T5's own tokenizer layout; one-line errors for what cannot
 work. The HF models are random tiny T5s (conftest.save_hf_t5) and T5's spiece.model is a stand-in trained on the
@@ -24,7 +24,9 @@ import prepare
 import sample
 import train
 from checkpoint import load_model, save_checkpoint
-from model import ROT5, ROT5Config
+from generate import generate
+from hf_t5 import from_hf_t5, to_hf_t5
+from model import ROT5, ROT5Config, padded_batch, shift_right
 from tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -47,8 +49,10 @@ def real_batch(tok, n: int = 6, src_len: int = 40, tgt_len: int = 12):
 
 
 def rot5_logits(model: ROT5, x, am, labels) -> torch.Tensor:
+    """At every decoder position, as HF computes them: decoder inputs shifted HF's way (one segment a row)."""
+    dec = shift_right(labels, torch.ones_like(labels), model.cfg.pad_token_id)
     with torch.no_grad():
-        return model(x, am, decoder_input_ids=model.shift_right(labels)).logits
+        return model(padded_batch(model.cfg, x, am, decoder_input_ids=dec)).logits
 
 
 def hf_logits(hf, x, am, labels) -> torch.Tensor:
@@ -77,8 +81,8 @@ def test_to_hf_t5_inverts_from_hf_t5_exactly(ffn, hf_t5_dirs, t5_spiece):
     """v1.0 (relu, tied, scaled output) and v1.1 (gated-gelu, untied): HF -> ROT5 -> HF gives back every tensor
     bit for bit, so the exported model computes exactly what the original computes; ROT5 <- ROT5 too."""
     hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_t5_dirs[ffn]).eval()
-    model = ROT5.from_hf_t5(hf).eval()
-    back = model.to_hf_t5().eval()
+    model = from_hf_t5(hf).eval()
+    back = to_hf_t5(model).eval()
     ref, got = hf.state_dict(), back.state_dict()
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])]
@@ -89,7 +93,7 @@ def test_to_hf_t5_inverts_from_hf_t5_exactly(ffn, hf_t5_dirs, t5_spiece):
     assert (am == 0).any()
     assert torch.equal(hf_logits(back, x, am, labels), hf_logits(hf, x, am, labels))
     assert_close(rot5_logits(model, x, am, labels), hf_logits(back, x, am, labels))
-    again = ROT5.from_hf_t5(back)
+    again = from_hf_t5(back)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -100,12 +104,12 @@ def test_a_rot5_t5_baseline_becomes_an_hf_t5(ffn, tie):
     tok = get_tokenizer("mistral")
     torch.manual_seed(0)
     model = ROT5(ROT5Config(vocab_size=tok.vocab_size, d_model=32, n_heads=4, head_dim=8, n_kv_heads=4, d_ff=64,
-                            n_encoder_layers=2, n_decoder_layers=3, ffn=ffn, tie_embeddings=tie, dropout=0.0,
+                            n_encoder_layers=2, n_decoder_layers=3, ffn=ffn, tie_embeddings=tie, dropout=0.0, attention_dropout=0.0,
                             pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)).eval()
-    hf = model.to_hf_t5().eval()
+    hf = to_hf_t5(model).eval()
     c = hf.config
     assert (c.pad_token_id, c.decoder_start_token_id, c.eos_token_id) == (tok.pad_id, tok.pad_id, tok.eos_id)
-    back = ROT5.from_hf_t5(hf)
+    back = from_hf_t5(hf)
     assert back.cfg == model.cfg
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
     x, am, labels = real_batch(tok)
@@ -117,7 +121,7 @@ def test_to_hf_t5_refuses_what_t5_cannot_express(change):
     model = ROT5(ROT5Config(**{**dict(vocab_size=256, d_model=32, n_heads=4, head_dim=8, n_kv_heads=4, d_ff=64,
                                       n_encoder_layers=2, n_decoder_layers=2, pad_token_id=0, eos_token_id=1), **change}))
     with pytest.raises(ValueError) as e:
-        model.to_hf_t5()
+        to_hf_t5(model)
     assert "only the T5 baseline" in one_line(e) and "safetensors" in str(e.value)
 
 
@@ -155,7 +159,7 @@ def test_safetensors_export_loads_back_to_identical_outputs(tmp_path):
     assert weights.keys() == a.state_dict().keys() and all(torch.equal(weights[k], v) for k, v in a.state_dict().items())
     x, am, labels = real_batch(tok)
     assert torch.equal(rot5_logits(a, x, am, labels), rot5_logits(b, x, am, labels))
-    assert torch.equal(a.generate(x, am, max_new_tokens=8), b.generate(x, am, max_new_tokens=8))
+    assert torch.equal(generate(a, x, am, max_new_tokens=8), generate(b, x, am, max_new_tokens=8))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert sample.main(["--ckpt", str(tmp_path / "exp"), "--prompt", "Once upon a time", "--max-new-tokens", "4"]) \
             == sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "Once upon a time", "--max-new-tokens", "4"])
@@ -303,7 +307,7 @@ def test_sample_and_hf_export_of_the_finetuned_hf_t5(flan_run, tmp_path, monkeyp
         checkpoint.main(["export", "--ckpt", "ft/ckpt.pt", "--out", str(tmp_path / "hf"), "--hf"])
     ids, cut = finetune.summarize_input(tok.encode(story), tok, 256)
     assert not cut
-    expected = model.generate(torch.tensor([ids]), max_new_tokens=8, eos_token_id=1, suppress_tokens=tok.non_text_ids())
+    expected = generate(model, torch.tensor([ids]), max_new_tokens=8, eos_token_id=1, suppress_tokens=tok.non_text_ids())
     assert out == [tok.decode(finetune.until_eos(expected[0].tolist(), 1))]
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
                                                    "spiece.model"]

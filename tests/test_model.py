@@ -1,6 +1,6 @@
 """model.py: equivalences (KV cache vs full forward, GQA vs a reference einsum attention, one-expert MoE vs
-dense FFN), invariances (RoPE cross-attention), hand-computed MoE losses, preset sizes, input checks and
-generation contracts. Tiny fp32 models on real token ids from data/sample/stories.txt."""
+dense FFN), invariances (RoPE cross-attention, padding), hand-computed MoE losses, preset sizes, input checks
+and generation contracts (generate.py). Tiny fp32 models on real token ids from data/sample/stories.txt."""
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ROT5, CrossAttention, EncoderSelfAttention, FFN, ROT5Config, SwitchFFN, apply_rope, rope_cos_sin
+from generate import generate
+from model import (ROT5, Attn, CrossAttention, EncoderSelfAttention, FFN, ROT5Config, SwitchFFN, apply_rope, check_batch,
+                   padded_batch, rope_cos_sin, shift_right)
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(**kw) -> ROT5Config:
     base = dict(d_model=32, n_heads=4, head_dim=8, n_kv_heads=4, d_ff=48, n_encoder_layers=2, n_decoder_layers=3,
-                dropout=0.0)
+                dropout=0.0, attention_dropout=0.0)
     return ROT5Config(**(base | kw))
 
 
@@ -53,11 +55,11 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     torch.manual_seed(0)
     model = ROT5(tiny(**VARIANTS[variant])).eval()
     x, am, labels = real_batch()
-    dec = model.shift_right(labels)
+    dec = padded_batch(model.cfg, x, am, labels).decoder_input_ids
     with torch.no_grad():
-        full = model(x, am, decoder_input_ids=dec).logits                    # (B, T, V)
-        cache = model.new_cache(model.encode(x, am), max_len=dec.shape[1])
-        steps = torch.stack([model.decode_step(dec[:, t: t + 1], am, cache)[:, 0] for t in range(dec.shape[1])], 1)
+        full = model(padded_batch(model.cfg, x, am, decoder_input_ids=dec)).logits     # (B, T, V)
+        cache = model.new_cache(model.encode(x, am), dec.shape[1], attention_mask=am)
+        steps = torch.stack([model.decode_step(dec[:, t: t + 1], cache)[:, 0] for t in range(dec.shape[1])], 1)
     assert cache.self_kv.shape[3] == model.cfg.n_kv_heads  # the cache stores K/V heads, not query heads
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
 
@@ -71,8 +73,8 @@ def test_rope_cross_attention_depends_on_relative_position_only():
     i, j = torch.arange(5), torch.arange(7)
 
     def out(q_shift: int, k_shift: int) -> torch.Tensor:
-        kv = attn.project_kv(enc, rope_cos_sin(j + k_shift, cfg.head_dim, cfg.rope_theta))
-        return attn(x, kv, None, rope_cos_sin(i + q_shift, cfg.head_dim, cfg.rope_theta))
+        kv = attn.project_kv(enc, rope_cos_sin(j + k_shift, cfg.head_dim, cfg.rope_theta), None)
+        return attn(x, kv, Attn(None, rope_cos_sin(i + q_shift, cfg.head_dim, cfg.rope_theta)))
 
     with torch.no_grad():
         ref = out(0, 0)
@@ -116,9 +118,9 @@ def test_attention_matches_reference_mha_and_gqa(n_kv_heads):
     pad = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     mask = bias.masked_fill(~pad[:, None, None, :], torch.finfo(torch.float32).min)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, mask, None), reference_attention(attn, cfg, x, bias, pad),
+        torch.testing.assert_close(attn(x, Attn(mask, None)), reference_attention(attn, cfg, x, bias, pad),
                                    atol=1e-5, rtol=1e-4)
-        rope_out = attn(x, pad[:, None, None, :], rope_cos_sin(torch.arange(6), cfg.head_dim, 1e4))
+        rope_out = attn(x, Attn(pad[:, None, None, :], rope_cos_sin(torch.arange(6), cfg.head_dim, 1e4)))
     assert rope_out.isfinite().all()
 
 
@@ -129,14 +131,15 @@ def test_moe_with_one_expert_equals_dense_ffn():
     sd = {k.replace("ffn.experts.0.", "ffn."): v for k, v in moe.state_dict().items() if "router" not in k}
     dense.load_state_dict(sd)
     x, am, labels = real_batch()
+    batch = padded_batch(dense.cfg, x, am, labels)
     with torch.no_grad():
-        a, b = dense(x, am, labels=labels), moe(x, am, labels=labels)
+        a, b = dense(batch), moe(batch)
     torch.testing.assert_close(a.loss, b.loss, atol=0, rtol=1e-6)
     assert b.expert_load.shape == (1 + 1, 1) and torch.all(b.expert_load == 1)  # enc layer 1, dec layer 1
     switch, ffn = moe.encoder.layers[1].ffn, FFN(moe.cfg)
     ffn.load_state_dict(switch.experts[0].state_dict())
     h = torch.randn(2, 5, 32)
-    torch.testing.assert_close(switch(h, None)[0], ffn(h), atol=0, rtol=0)  # gate = softmax of 1 logit = 1
+    torch.testing.assert_close(switch(h), ffn(h), atol=0, rtol=0)  # gate = softmax of 1 logit = 1
 
 
 def test_moe_losses_match_hand_computed_values_and_skip_pads():
@@ -149,19 +152,21 @@ def test_moe_losses_match_hand_computed_values_and_skip_pads():
     ln3 = math.log(3)
     x[0, :, :2] = torch.tensor([[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [0.0, 9.0]])  # last token: pad
     mask = torch.tensor([[True, True, True, False]])
-    _, s = moe(x, mask)
+    moe(x)
+    s = moe.stats(mask)
     # probs: (3/4, 1/4), (3/4, 1/4), (1/4, 3/4) -> top-1 experts 0, 0, 1
     # f = (2/3, 1/3), P = (7/12, 5/12): aux = 0.1 * 2 * (2/3 * 7/12 + 1/3 * 5/12) = 0.1 * 19/18
     # logsumexp = log(3 + 1) for every real token: z = 0.01 * log(4)^2
     assert s.aux_loss.item() == pytest.approx(0.1 * 19 / 18, rel=1e-6)
     assert s.z_loss.item() == pytest.approx(0.01 * math.log(4) ** 2, rel=1e-6)
     assert s.load.tolist() == pytest.approx([2 / 3, 1 / 3])
-    _, s_all = moe(x, None)  # counting the pad token changes all three: the mask is what excluded it
+    s_all = moe.stats(torch.ones_like(mask))  # counting the pad token changes all three: the mask excluded it
     assert s_all.load.tolist() == pytest.approx([2 / 4, 2 / 4])
     assert s_all.aux_loss.item() != pytest.approx(s.aux_loss.item())
     assert s_all.z_loss.item() != pytest.approx(s.z_loss.item())
     off = SwitchFFN(tiny(n_experts=2, aux_loss_coef=0.0, z_loss_coef=0.0))
-    _, s_off = off(x, mask)
+    off(x)
+    s_off = off.stats(mask)
     assert s_off.aux_loss.item() == 0.0 and s_off.z_loss.item() == 0.0
 
 
@@ -169,12 +174,14 @@ def test_model_router_statistics_ignore_padding():
     torch.manual_seed(0)
     model = ROT5(tiny(position="rope", n_experts=4)).eval()
     x, am, labels = real_batch()
-    x2, dec, dec2 = x.clone(), model.shift_right(labels), model.shift_right(labels)
+    cfg = model.cfg
+    dec = padded_batch(cfg, x, am, labels).decoder_input_ids
+    x2, dec2 = x.clone(), dec.clone()
     x2[am == 0] = 1234                                  # junk under the encoder padding
     dec2[labels == -100] = 4321                         # and at decoder positions without a label
     with torch.no_grad():
-        a, b = model(x, am, dec, labels), model(x2, am, dec2, labels)
-        c = model(x2, None, dec2, labels)
+        a, b = model(padded_batch(cfg, x, am, labels, dec)), model(padded_batch(cfg, x2, am, labels, dec2))
+        c = model(padded_batch(cfg, x2, None, labels, dec2))
     torch.testing.assert_close(a.expert_load, b.expert_load)
     torch.testing.assert_close((a.aux_loss, a.z_loss), (b.aux_loss, b.z_loss))
     assert not torch.allclose(a.expert_load, c.expert_load)  # without the mask the pads count
@@ -188,56 +195,59 @@ def test_moe_top2_gates_are_renormalised_and_router_gets_gradient():
     for e in moe.experts[1:]:
         e.load_state_dict(moe.experts[0].state_dict())  # identical experts: output = expert(x) iff gates sum to 1
     h = torch.randn(2, 5, cfg.d_model)
-    torch.testing.assert_close(moe(h, None)[0], moe.experts[0](h), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe(h), moe.experts[0](h), atol=1e-6, rtol=1e-5)
     model = ROT5(tiny(n_experts=4, aux_loss_coef=0.0, z_loss_coef=0.0))
     x, am, labels = real_batch()
-    out = model(x, am, labels=labels)
+    out = model(padded_batch(model.cfg, x, am, labels))
     (out.loss + out.aux_loss + out.z_loss).backward()
     # top-1 gate = router probability (Switch sec. 2.1), so the LM loss alone trains the router
     assert model.encoder.layers[1].ffn.router.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_skipping_padding_equals_the_padded_layout(variant, monkeypatch):
-    """Training skips padding (Packed) in eager mode; under torch.compile (GPU runs) the padded (B, T) layout
-    is kept. Both must give the same losses, router statistics and gradients, also with the extra padding
-    of fixed-shape batches (ul2 static_shapes)."""
+def test_padding_changes_nothing(variant):
+    """More padding -- the fixed shapes a compiled step pads to (ul2 static_shapes) -- and junk under it leave
+    the loss, the router statistics and every gradient as they were: padding queries attend key 0 alone, no
+    query attends a padding key, and the loss and router statistics skip padding. Only the lengths of sums
+    over masked keys change (their terms are exact zeros), so the bounds are fp32 rounding's."""
     torch.manual_seed(0)
     model = ROT5(tiny(**VARIANTS[variant]))
     x, am, labels = real_batch()
-    pad = model.cfg.pad_token_id
-    x, am, labels = F.pad(x, (0, 5), value=pad), F.pad(am, (0, 5)), F.pad(labels, (0, 4), value=-100)
+    wide = (F.pad(x, (0, 5), value=1234), F.pad(am, (0, 5)), F.pad(labels, (0, 4), value=-100))
 
-    def run(padded_layout: bool):
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: padded_layout)
+    def run(x, am, labels):
         model.zero_grad()
-        out = model(x, am, labels=labels)
+        out = model(padded_batch(model.cfg, x, am, labels))
         (out.loss + out.aux_loss + out.z_loss).backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    (packed, packed_grads), (padded, padded_grads) = run(False), run(True)
+    (a, a_grads), (b, b_grads) = run(x, am, labels), run(*wide)
     for name in ("loss", "aux_loss", "z_loss", "expert_load"):
-        a, b = getattr(packed, name), getattr(padded, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
-    assert packed_grads.keys() == padded_grads.keys()
-    for n in packed_grads:
-        torch.testing.assert_close(packed_grads[n], padded_grads[n], atol=1e-6, rtol=1e-4, msg=n)
+        u, v = getattr(a, name), getattr(b, name)
+        assert (u is None) == (v is None), name
+        if u is not None:
+            torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5, msg=name)
+    assert a_grads.keys() == b_grads.keys()
+    for n in a_grads:
+        torch.testing.assert_close(a_grads[n], b_grads[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_labels_path_gathers_label_positions():
+def test_loss_is_the_cross_entropy_of_the_label_positions():
     torch.manual_seed(0)
     model = ROT5(tiny(ffn="gated-gelu", tie_embeddings=False)).eval()
     x, am, labels = real_batch()
     with torch.no_grad():
-        out = model(x, am, labels=labels)
-        full = model(x, am, decoder_input_ids=model.shift_right(labels)).logits
-    assert out.logits is None and out.expert_load is None and out.aux_loss.item() == 0.0
-    torch.testing.assert_close(out.loss, F.cross_entropy(full.flatten(0, 1), labels.flatten(), ignore_index=-100))
-    dec = model.shift_right(labels)
-    assert dec[:, 0].eq(model.cfg.pad_token_id).all() and torch.equal(dec[:, 1:3], labels[:, :2])
-    assert not (dec == -100).any()
+        out = model(padded_batch(model.cfg, x, am, labels))
+    assert out.expert_load is None and out.aux_loss.item() == 0.0
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+
+
+def test_shift_right_starts_every_segment():
+    """Teacher forcing: each segment reads its labels one step late after the start token (pad); -100 -> pad."""
+    P = 7
+    labels = torch.tensor([[10, 11, 12, 20, 21, -100], [30, 31, 32, 33, 34, 35]])
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0], [3, 3, 3, 3, 3, 3]])
+    assert shift_right(labels, seg, P).tolist() == [[P, 10, 11, P, 20, P], [P, 30, 31, 32, 33, 34]]
 
 
 def preset(name: str) -> ROT5Config:
@@ -271,6 +281,9 @@ def test_train_flops_counts_active_matmul_parameters():
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_kv_heads=3), "must divide n_heads"),
     (dict(position="alibi"), "position must be"),
+    (dict(attention="flash"), "attention must be"),
+    (dict(attention="flex", attention_dropout=0.1), "cannot apply attention_dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout must be in"),
     (dict(ffn="swiglu"), "ffn must be"),
     (dict(n_experts=2, moe_top_k=3), "moe_top_k=3 must be <= n_experts=2"),
     (dict(n_experts=-1), "n_experts must be >= 0"),
@@ -287,36 +300,42 @@ def test_config_validation(kw, msg):
 
 
 def test_bad_inputs_raise_one_line_errors():
+    """Where batches enter (padded_batch, check_batch, generate): one line each, never a traceback from deep
+    in the model or a silent wrong result."""
     model = ROT5(tiny())
+    cfg = model.cfg
     x, am, labels = real_batch()
     bad = x.clone()
     bad[1, 2] = 40000
     with pytest.raises(ValueError, match=r"input_ids contains id 40000, outside the vocabulary \[0, 32256\)"):
-        model(bad, am, labels=labels)
+        padded_batch(cfg, bad, am, labels)
     with pytest.raises(ValueError, match=r"labels contains id -5"):
-        model(x, am, labels=labels.masked_fill(labels == -100, -5))
+        padded_batch(cfg, x, am, labels.masked_fill(labels == -100, -5))
     with pytest.raises(ValueError, match="int64 tensor"):
-        model(x.float(), am, labels=labels)
+        padded_batch(cfg, x.float(), am, labels)
     with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
-        model(x[0], labels=labels)
+        padded_batch(cfg, x[0], None, labels)
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
-        model(x, am[:, :-1], labels=labels)
+        padded_batch(cfg, x, am[:, :-1], labels)
     with pytest.raises(ValueError, match="decoder_input_ids or labels"):
-        model(x, am)
-    with pytest.raises(ValueError, match="decoder batch 3 != encoder batch 1"):  # not silently read as 3 beams
-        model(x[:1], am[:1], labels=labels)
+        padded_batch(cfg, x, am)
+    with pytest.raises(ValueError, match="3 decoder rows read 1 encoder rows"):  # not silently read as 3 beams
+        padded_batch(cfg, x[:1], am[:1], labels)
     empty_row = am.clone()
     empty_row[2] = 0  # nothing for cross-attention to attend to: refused, not a made-up output
     with pytest.raises(ValueError, match="input row 2 is all padding"):
-        model(x, empty_row, labels=labels)
+        padded_batch(cfg, x, empty_row, labels)
     with pytest.raises(ValueError, match="input row 2 is all padding"):
-        model.generate(x, empty_row, max_new_tokens=1)
+        generate(model, x, empty_row, max_new_tokens=1)
     with pytest.raises(ValueError, match="labels are all -100"):  # (the mean over no tokens would be NaN)
-        model(x, am, labels=torch.full_like(labels, -100))
+        padded_batch(cfg, x, am, torch.full_like(labels, -100))
+    batch = padded_batch(cfg, x, am, labels)
+    with pytest.raises(ValueError, match="labels .* and decoder_input_ids .* must have the same shape"):
+        check_batch(batch._replace(labels=labels[:, :-1]), cfg)
     model.eval()  # int32 ids work like int64 ones, labels included
-    assert model(x.int(), am, labels=labels.int()).loss.item() == model(x, am, labels=labels).loss.item()
-    banned = [int(i) for i in model.generate(x, am, max_new_tokens=1)[:, 0]]
-    out = model.generate(x, am, max_new_tokens=1, suppress_tokens=torch.tensor(banned))  # a tensor works too
+    assert model(padded_batch(cfg, x.int(), am, labels.int())).loss.item() == model(batch).loss.item()
+    banned = [int(i) for i in generate(model, x, am, max_new_tokens=1)[:, 0]]
+    out = generate(model, x, am, max_new_tokens=1, suppress_tokens=torch.tensor(banned))  # a tensor works too
     assert not torch.isin(out, torch.tensor(banned)).any()
 
 
@@ -331,18 +350,18 @@ def eos_prone_model(seed: int = 0) -> ROT5:
 def test_sampling_is_reproducible_with_a_generator():
     model = ROT5(tiny(position="rope", n_kv_heads=2)).eval()
     x, am, _ = real_batch()
-    gen = lambda seed, **kw: model.generate(x, am, max_new_tokens=8, do_sample=True,
-                                            generator=torch.Generator().manual_seed(seed), **kw)
+    gen = lambda seed, **kw: generate(model, x, am, max_new_tokens=8, do_sample=True,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(gen(1, temperature=2.0, top_p=0.9), gen(1, temperature=2.0, top_p=0.9))
     assert not torch.equal(gen(1, temperature=2.0), gen(2, temperature=2.0))
-    assert torch.equal(gen(3, top_k=1), model.generate(x, am, max_new_tokens=8))  # top-1 sampling = greedy
+    assert torch.equal(gen(3, top_k=1), generate(model, x, am, max_new_tokens=8))  # top-1 sampling = greedy
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_returns_eos_then_pad(num_beams):
     model = eos_prone_model()
     x, am, _ = real_batch(B=6, offset=10)
-    out = model.generate(x, am, max_new_tokens=12, num_beams=num_beams)
+    out = generate(model, x, am, max_new_tokens=12, num_beams=num_beams)
     eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
     assert out.shape[0] == 6 and out.shape[1] <= 12
     ended = 0

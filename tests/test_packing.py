@@ -1,17 +1,17 @@
 """Packed rows (several UL2 examples per row, segment ids): the batch builder keeps every example once and
 whole, the model keeps every attention inside its segment, and the loss and gradients are those of the same
-examples run one per row -- for every variant, with SDPA and with FlexAttention. Tiny fp32 models on the real
-bundled sample (data/sample, TinyStories)."""
+examples run one per row -- for every variant, with SDPA and with FlexAttention, eager and compiled (one graph,
+no host sync). Tiny fp32 models on the real bundled sample (data/sample, TinyStories)."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
-import model as model_py
 import prepare
 import ul2
-from model import ROT5, segment_positions
+from bench import HostReads
+from model import ROT5, check_batch, segment_mask, segment_positions, shift_right
 from test_model import VARIANTS, tiny
 from tokenizer import get_tokenizer
 
@@ -30,17 +30,20 @@ def pair(docs, tok, step: int = 0, n: int = 12, enc: int = 384, dec: int = 192, 
     return make(False), make(True)
 
 
-def examples(batch: ul2.Batch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """Every example of a batch as (inputs, decoder inputs, labels), sorted: comparable across layouts."""
-    if batch.segment_ids is None:   # row r holds example r
-        enc, dec = batch.attention_mask > 0, batch.labels != -100
-        parts = [(batch.input_ids[r][enc[r]], batch.decoder_input_ids[r][dec[r]], batch.labels[r][dec[r]])
-                 for r in range(len(enc))]
-    else:   # example k is segment k of the batch, in one encoder row and one decoder row
-        seg, dseg = batch.segment_ids, batch.decoder_segment_ids
-        parts = [(batch.input_ids[seg == k], batch.decoder_input_ids[dseg == k], batch.labels[dseg == k])
-                 for k in range(1, int(seg.max()) + 1)]
+def examples(batch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Every example of a batch as (inputs, decoder inputs, labels), sorted: comparable across layouts.
+    Example k is segment k of the batch, in one encoder row and one decoder row."""
+    seg, dseg = batch.segment_ids, batch.decoder_segment_ids
+    parts = [(batch.input_ids[seg == k], batch.decoder_input_ids[dseg == k], batch.labels[dseg == k])
+             for k in range(1, int(seg.max()) + 1)]
     return sorted(tuple(tuple(t.tolist()) for t in part) for part in parts)
+
+
+def model_for(tok, attention: str = "auto", **kw) -> ROT5:
+    """A tiny model for the sample's vocabulary, seeded: the same weights for every `attention` kernel."""
+    torch.manual_seed(0)
+    return ROT5(tiny(**kw, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                     attention=attention))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,7 +58,7 @@ def test_packed_rows_hold_the_same_examples(docs_tok, static_shapes):
         assert examples(packed) == examples(plain)     # each example once, whole, in the same format
         assert len(packed.input_ids) < len(plain.input_ids) and len(packed.labels) < len(plain.labels)
         seg, dseg, cross = packed.segment_ids, packed.decoder_segment_ids, packed.cross_index
-        assert torch.equal(packed.attention_mask, (seg > 0).long()) and torch.equal(packed.labels != -100, dseg > 0)
+        assert torch.equal(packed.labels != -100, dseg > 0) and plain.cross_index is None
         n = len(plain.input_ids)
         for s in (seg, dseg):  # segments 1 .. n, each in one row, contiguous from the row start, padding after
             assert set(s.unique().tolist()) - {0} == set(range(1, n + 1))
@@ -104,7 +107,7 @@ def test_packing_fills_rot5_mini_rows(docs_tok):
     docs, tok = docs_tok
     plain = ul2.UL2Batches(docs, tok, "ul2", 512, 256, 64, seed=0, static_shapes=True)
     packed = ul2.UL2Batches(docs, tok, "ul2", 512, 256, 64, seed=0, static_shapes=True, pack=True)
-    fill = lambda b: ((b.labels != -100).float().mean().item(), b.attention_mask.float().mean().item())
+    fill = lambda b: ((b.labels != -100).float().mean().item(), (b.segment_ids > 0).float().mean().item())
     (dec_plain, enc_plain), (dec_packed, enc_packed) = (np.mean([fill(b.batch(s)) for s in range(4)], 0)
                                                         for b in (plain, packed))
     assert dec_packed > 0.94 and enc_packed > 0.94                          # (measured 0.951 / 0.956)
@@ -122,12 +125,12 @@ def test_masks_keep_segments_and_padding_queries_read_one_key():
     q = torch.tensor([[2, 2, 5, 0]])
     k = torch.tensor([[5, 5, 2, 0], [0, 0, 0, 0]])
     index = torch.tensor([[2, 0, 1, -1]])                      # keys: segments 2, 5, 5, none
-    allowed = model_py.stack_masks(q, k, False, None, False, torch.float32, index)[0, 0]
+    allowed = segment_mask(q, k, False, None, False, torch.float32, index)[0, 0]
     assert allowed.int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
-    causal = model_py.stack_masks(q, q, True, None, False, torch.float32)[0, 0]
+    causal = segment_mask(q, q, True, None, False, torch.float32)[0, 0]
     assert causal.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]]
     row = (torch.arange(256) < 100).long()[None]               # one example, then 156 padding positions
-    blocks = model_py.stack_masks(row, row, False, None, True, torch.float32).block_mask.to_dense()
+    blocks = segment_mask(row, row, False, None, True, torch.float32).block_mask.to_dense()
     assert blocks[0, 0].tolist() == [[1, 0], [1, 0]]           # key block 1 (all padding) is never computed
 
 
@@ -135,16 +138,15 @@ def test_masks_keep_segments_and_padding_queries_read_one_key():
 # The model
 
 
-def grads_of(model, batch, padded_layout: bool, monkeypatch) -> tuple:
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: padded_layout)  # the layout compile keeps
+def grads_of(model, batch) -> tuple:
     model.zero_grad()
-    out = model(*batch)
+    out = model(batch)
     (out.loss + out.aux_loss + out.z_loss).backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_packed_loss_and_gradients_equal_one_example_per_row(docs_tok, variant, monkeypatch):
+def test_packed_loss_and_gradients_equal_one_example_per_row(docs_tok, variant):
     """One loss over the same label tokens, MoE statistics over the same real tokens: packing changes only the
     order of fp32 sums (other matmul shapes and attention row lengths). Each sum of n terms then moves by
     about sqrt(n) unit roundoffs (6e-8) relative to its terms' magnitude; through a few layers that stays
@@ -154,30 +156,26 @@ def test_packed_loss_and_gradients_equal_one_example_per_row(docs_tok, variant, 
     docs, tok = docs_tok
     plain, packed = pair(docs, tok)
     assert int(packed.segment_ids.max()) > 1                  # rows really hold several examples
-    torch.manual_seed(0)
-    model = ROT5(tiny(**VARIANTS[variant], vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                      eos_token_id=tok.eos_id))
-    ref, ref_grads = grads_of(model, plain, False, monkeypatch)
-    for padded_layout in (False, True):
-        out, grads = grads_of(model, packed, padded_layout, monkeypatch)
-        assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
-        for name in ("aux_loss", "z_loss"):
-            assert getattr(out, name).item() == pytest.approx(getattr(ref, name).item(), rel=1e-5, abs=1e-9)
-        if ref.expert_load is not None:  # fractions of the same tokens: counts, exact
-            torch.testing.assert_close(out.expert_load, ref.expert_load, rtol=0, atol=1e-6)
-        assert grads.keys() == ref_grads.keys()
-        for n, g in grads.items():
-            assert (g - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-12, n
+    model = model_for(tok, **VARIANTS[variant])
+    (ref, ref_grads), (out, grads) = grads_of(model, plain), grads_of(model, packed)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    for name in ("aux_loss", "z_loss"):
+        assert getattr(out, name).item() == pytest.approx(getattr(ref, name).item(), rel=1e-5, abs=1e-9)
+    if ref.expert_load is not None:  # fractions of the same tokens: counts, exact
+        torch.testing.assert_close(out.expert_load, ref.expert_load, rtol=0, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert (g - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-12, n
 
 
-def crowded_example(batch: ul2.Batch) -> int:
+def crowded_example(batch) -> int:
     """An example that shares its encoder row and its decoder row with others."""
     seg, dseg = batch.segment_ids, batch.decoder_segment_ids
     crowded = lambda s, k: len(s[(s == k).any(1)].unique()) > 2   # other ids than k and padding
     return next(k for k in range(1, int(seg.max()) + 1) if crowded(seg, k) and crowded(dseg, k))
 
 
-def perturb_one_example(batch: ul2.Batch, seg: int) -> ul2.Batch:
+def perturb_one_example(batch, seg: int):
     """The same batch with example `seg` given other (real, non-special) tokens on both sides."""
     g = torch.Generator().manual_seed(1)
     input_ids, dec = batch.input_ids.clone(), batch.decoder_input_ids.clone()
@@ -188,8 +186,8 @@ def perturb_one_example(batch: ul2.Batch, seg: int) -> ul2.Batch:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("flex", [False, True])
-def test_no_token_attends_across_segments(docs_tok, variant, flex, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_no_token_attends_across_segments(docs_tok, variant, attention):
     """Change every token of one example: the logits of every other example stay put, those of its rows too
     (encoder self-, decoder self- and cross-attention all keep to their segment), its own change. SDPA (the eager path)
     and FlexAttention (the compiled GPU path; forward only: it has no CPU backward) agree on the packed batch.
@@ -197,14 +195,11 @@ def test_no_token_attends_across_segments(docs_tok, variant, flex, monkeypatch):
     docs, tok = docs_tok
     _, packed = pair(docs, tok)
     k = crowded_example(packed)
-    torch.manual_seed(0)
-    model = ROT5(tiny(**VARIANTS[variant], vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                      eos_token_id=tok.eos_id)).eval()
-    logits = lambda b: model(*b._replace(labels=None)).logits
+    sdpa, model = model_for(tok, "sdpa", **VARIANTS[variant]).eval(), model_for(tok, attention, **VARIANTS[variant]).eval()
+    logits = lambda m, b: m(b._replace(labels=None)).logits
     with torch.no_grad():
-        sdpa = logits(packed)
-        monkeypatch.setattr(model_py, "FLEX_ATTENTION", flex)
-        a, b = logits(packed), logits(perturb_one_example(packed, k))
+        sdpa = logits(sdpa, packed)
+        a, b = logits(model, packed), logits(model, perturb_one_example(packed, k))
     torch.testing.assert_close(a, sdpa, rtol=1e-5, atol=1e-5)
     dseg = packed.decoder_segment_ids
     others, mine = (dseg > 0) & (dseg != k), dseg == k
@@ -212,45 +207,41 @@ def test_no_token_attends_across_segments(docs_tok, variant, flex, monkeypatch):
     assert (a[mine] - b[mine]).abs().max() > 1e-2
 
 
-def test_compiled_flex_attention_equals_eager_sdpa(docs_tok, monkeypatch):
+def test_compiled_flex_attention_equals_eager_sdpa(docs_tok):
     """torch.compile's FlexAttention kernels (what a GPU run uses) on the CPU, forward: the T5 bias as a
     score_mod, GQA, the three segment masks -- the same logits as eager SDPA, and still no leak across
     segments. Compiling takes a minute on 2 cores: one variant, T5 bias + GQA (the score_mod path)."""
     docs, tok = docs_tok
     _, packed = pair(docs, tok, n=6, enc=256, dec=128)
     k = crowded_example(packed)
-    torch.manual_seed(0)
-    model = ROT5(tiny(n_kv_heads=2, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                      eos_token_id=tok.eos_id)).eval()
+    eager, flex = model_for(tok, "sdpa", n_kv_heads=2).eval(), model_for(tok, "flex", n_kv_heads=2).eval()
     args = lambda b: b._replace(labels=None)
     with torch.no_grad():
-        eager = model(*args(packed)).logits
-        monkeypatch.setattr(model_py, "FLEX_ATTENTION", True)
-        compiled = torch.compile(model)
-        a, b = compiled(*args(packed)).logits, compiled(*args(perturb_one_example(packed, k))).logits
+        eager = eager(args(packed)).logits
+        compiled = torch.compile(flex, fullgraph=True)
+        a, b = compiled(args(packed)).logits, compiled(args(perturb_one_example(packed, k))).logits
     dseg = packed.decoder_segment_ids
-    real = dseg > 0   # (compiled, the padded layout computes logits at padding too; eager leaves them 0)
+    real = dseg > 0   # (padding positions' logits are no one's: only real ones are compared)
     torch.testing.assert_close(a[real], eager[real], rtol=1e-5, atol=1e-5)
     others = real & (dseg != k)
     torch.testing.assert_close(a[others], b[others], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_training_equals_eager_on_packed_batches_of_varying_shape(docs_tok):
-    """What a GPU run compiles (here inductor on the CPU, with SDPA masks): forward and backward of packed
-    micro-batches whose row counts and gathered key width all differ, marked dynamic as train.py marks them.
-    The same loss and gradients as eager: the compiled kernels only fuse and reorder fp32 sums (bounds as in
+    """What a GPU run compiles (here inductor on the CPU, with SDPA masks), as ONE graph (fullgraph=True
+    fails on any graph break): forward and backward of packed micro-batches whose row counts and gathered key
+    width all differ, marked dynamic as train.py marks them. The same loss and gradients as eager: the
+    compiled kernels only fuse and reorder fp32 sums (bounds as in
     test_packed_loss_and_gradients_equal_one_example_per_row). One variant, RoPE + GQA, one layer per stack:
     compiling the step takes most of a minute on 2 cores."""
     docs, tok = docs_tok
     batches = ul2.UL2Batches(docs, tok, "ul2", 256, 128, 8, seed=0, static_shapes=True, pack=True)
-    torch.manual_seed(0)
-    model = ROT5(tiny(position="rope", n_kv_heads=2, n_encoder_layers=1, n_decoder_layers=1,
-                      vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id))
-    compiled = torch.compile(model)
+    model = model_for(tok, position="rope", n_kv_heads=2, n_encoder_layers=1, n_decoder_layers=1)
+    compiled = torch.compile(model, fullgraph=True)
 
     def step(f, batch):
         model.zero_grad()
-        loss = f(*batch).loss
+        loss = f(batch).loss
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -266,26 +257,54 @@ def test_compiled_training_equals_eager_on_packed_batches_of_varying_shape(docs_
     assert len(shapes) == 3                                  # three different (B_enc, B_dec, X)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_training_step_is_one_graph_with_no_host_sync(docs_tok, variant):
+    """The redesign's promise, for every variant: an eager training step (forward + backward) on a packed
+    batch reads no tensor value back to the host -- on a GPU each read waits for the device to go idle --
+    except the Switch FFN's expert counts, one read per MoE layer; and torch.compile traces the forward as
+    one graph, with no break (MoE included: the counts become symbolic sizes)."""
+    docs, tok = docs_tok
+    _, packed = pair(docs, tok, n=6, enc=256, dec=128)
+    model = model_for(tok, **VARIANTS[variant])
+    with HostReads() as counter:
+        out = model(packed)
+        (out.loss + out.aux_loss + out.z_loss).backward()
+    n_moe = sum(1 for m in model.modules() if type(m).__name__ == "SwitchFFN")
+    assert counter.reads == ({"tolist": n_moe} if n_moe else {})
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(packed)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_host_reads_are_counted():
+    """The counter above sees each kind of read (a counter that saw nothing would pass that test)."""
+    x = torch.arange(10)
+    with HostReads() as counter:
+        x.sum().item(), bool((x > 3).any()), x.tolist(), x[x > 3], torch.equal(x, x), x.nonzero()
+    assert sum(counter.reads.values()) == 6, counter.reads
+
+
 def test_segment_inputs_are_checked(docs_tok):
+    """check_batch, where batches enter: one line for each way a Batch can be inconsistent."""
     docs, tok = docs_tok
     plain, packed = pair(docs, tok, n=4)
-    model = ROT5(tiny(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id))
-    with pytest.raises(ValueError, match="need both segment_ids and decoder_segment_ids"):
-        model(*packed[:5])
-    with pytest.raises(ValueError, match="attention_mask must be segment_ids > 0"):
-        model(*packed._replace(attention_mask=torch.ones_like(packed.attention_mask)))
+    cfg = model_for(tok).cfg
     bad = packed.decoder_segment_ids.clone()
     bad[0, 0] = int(packed.segment_ids.max()) + 1
     with pytest.raises(ValueError, match="no encoder segment with its id where its row reads"):
-        model(*packed._replace(decoder_segment_ids=bad))
+        check_batch(packed._replace(decoder_segment_ids=bad), cfg)
     with pytest.raises(ValueError, match="shaped like its token ids"):
-        model(*packed._replace(segment_ids=packed.segment_ids[:, :-1]))
+        check_batch(packed._replace(segment_ids=packed.segment_ids[:, :-1]), cfg)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        check_batch(packed._replace(segment_ids=-packed.segment_ids), cfg)
     with pytest.raises(ValueError, match="one row per decoder row"):
-        model(*packed._replace(cross_index=packed.cross_index[:-1]))
+        check_batch(packed._replace(cross_index=packed.cross_index[:-1]), cfg)
     with pytest.raises(ValueError, match=r"encoder positions in \[0, \d+\) or -1"):
-        model(*packed._replace(cross_index=packed.cross_index + packed.segment_ids.numel()))
-    with pytest.raises(ValueError, match="cross_index is for packed rows"):
-        model(*plain[:4], None, None, packed.cross_index)
+        check_batch(packed._replace(cross_index=packed.cross_index + packed.segment_ids.numel()), cfg)
+    with pytest.raises(ValueError, match="decoder rows read .* encoder rows: pass cross_index"):
+        check_batch(packed._replace(cross_index=None), cfg)
+    check_batch(plain, cfg)
+    check_batch(packed, cfg)
 
 
 def test_finetune_packs_pairs_with_the_same_loss(monkeypatch):
@@ -294,29 +313,23 @@ def test_finetune_packs_pairs_with_the_same_loss(monkeypatch):
     tok = get_tokenizer()
     lines = [l for l in open(os.path.join(ROOT, "data", "sample", "stories.txt")).read().splitlines() if l.strip()]
     pairs = [(np.array(tok.encode(lines[i])[:120]), np.array(tok.encode(lines[i + 1])[:30])) for i in range(0, 16, 2)]
-    plain, _ = finetune.collate(pairs, tok, 512, 128)
+    plain, _ = finetune.collate(pairs, tok, 512, 128, pack=False)
     packed, _ = finetune.collate(pairs, tok, 512, 128, pack=True)
-    assert len(packed["input_ids"]) < len(plain["input_ids"]) and int(packed["segment_ids"].max()) > 1
-    torch.manual_seed(0)
-    model = ROT5(tiny(position="rope", n_kv_heads=2, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                      eos_token_id=tok.eos_id))
-    a, b = model(**plain), model(**packed)
+    assert len(packed.input_ids) < len(plain.input_ids) and len(packed.labels) < len(plain.labels)
+    model = model_for(tok, position="rope", n_kv_heads=2)
+    a, b = model(plain), model(packed)
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)   # as in the UL2 test above
-    assert torch.equal(packed["decoder_input_ids"], model.shift_right(packed["labels"], packed["decoder_segment_ids"]))
+    assert torch.equal(packed.decoder_input_ids, shift_right(packed.labels, packed.decoder_segment_ids, tok.pad_id))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_flex_attention_on_one_example_per_row_equals_sdpa(docs_tok, variant, monkeypatch):
-    """Compiled on CUDA, FlexAttention also runs batches of one example per row (pack=False, evaluation): a
-    padded row is then one segment. Same logits as SDPA's padding masks at the real positions."""
+def test_flex_attention_on_one_example_per_row_equals_sdpa(docs_tok, variant):
+    """FlexAttention also runs rows of one example each (pack=False): a padded row is one segment. Same
+    logits as SDPA at the real positions."""
     docs, tok = docs_tok
     plain, _ = pair(docs, tok, n=4)
-    torch.manual_seed(0)
-    model = ROT5(tiny(**VARIANTS[variant], vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                      eos_token_id=tok.eos_id)).eval()
     with torch.no_grad():
-        sdpa = model(*plain[:3]).logits
-        monkeypatch.setattr(model_py, "FLEX_ATTENTION", True)
-        flex = model(*plain[:3]).logits
+        sdpa = model_for(tok, "sdpa", **VARIANTS[variant]).eval()(plain).logits
+        flex = model_for(tok, "flex", **VARIANTS[variant]).eval()(plain).logits
     real = plain.labels != -100
     torch.testing.assert_close(flex[real], sdpa[real], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
-from model import ROT5, ROT5Config  # noqa: E402
+from model import ROT5, Batch, ROT5Config  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 from ul2 import UL2Batches, continuation_batches  # noqa: E402
 
@@ -241,31 +241,37 @@ def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch)
 
 
 def test_validation_loss_per_mode(sample_data):
-    """val_loss_R/X/S are the losses of each mode's rows, run as separate forwards: their token-weighted mean is
-    val_loss, and that equals one forward per whole batch (rows are independent; padding is masked)."""
+    """val_loss_R/X/S, from one forward per packed batch, are the losses of each mode's examples run apart, one
+    example per row and one forward per mode: their token-weighted mean is val_loss."""
     tok = get_tokenizer(sample_data["tokenizer"])
     val = prepare.load_documents(os.path.join("data", "sample"), "val")
     torch.manual_seed(0)
     model = ROT5(ROT5Config(d_model=64, n_heads=2, head_dim=32, n_kv_heads=1, d_ff=128, n_encoder_layers=2,
                             n_decoder_layers=2, position="rope")).eval()
-    batches = list(UL2Batches(val, tok, "ul2", 128, 64, 16, seed=train.EVAL_SEED).eval_batches(64))
-    loss_sum, n_mode = 0.0, dict.fromkeys("RXS", 0)
+    packed = list(UL2Batches(val, tok, "ul2", 128, 64, 16, seed=train.EVAL_SEED, pack=True).eval_batches(64))
+    plain = list(UL2Batches(val, tok, "ul2", 128, 64, 16, seed=train.EVAL_SEED).eval_batches(64))
+    loss_sum, n_mode = dict.fromkeys("RXS", 0.0), dict.fromkeys("RXS", 0)
     with torch.no_grad():
-        for b in batches:
-            loss_sum += float(model(*b).loss) * int((b.labels != -100).sum())
+        for b in plain:   # row r holds example r: take each mode's rows
             for m in n_mode:
-                n_mode[m] += int((b.labels[b.input_ids[:, 0] == tok.mode_ids[m]] != -100).sum())
-    got = train.validation_loss(model, batches, torch.device("cpu"), contextlib.nullcontext(), False, tok.mode_ids)
+                rows = b.input_ids[:, 0] == tok.mode_ids[m]
+                if rows.any():
+                    sub = Batch(*(t[rows] for t in b[:5]))
+                    n = int((sub.labels != -100).sum())
+                    loss_sum[m], n_mode[m] = loss_sum[m] + float(model(sub).loss) * n, n_mode[m] + n
+    got = train.validation_loss(model, packed, torch.device("cpu"), contextlib.nullcontext(), False, tok.mode_ids)
     model.eval()  # (validation_loss hands the model back in training mode)
     assert all(n_mode.values())  # 64 documents: every mode occurs
     # the same fp32 products summed in another order (other batch shapes): relative differences of a few fp32
     # ulps (1.2e-7) per logit, far below 1e-5 of the mean
-    assert got["val_loss"] == pytest.approx(loss_sum / sum(n_mode.values()), rel=1e-5)
+    assert got["val_loss"] == pytest.approx(sum(loss_sum.values()) / sum(n_mode.values()), rel=1e-5)
+    for m in n_mode:
+        assert got[f"val_loss_{m}"] == pytest.approx(loss_sum[m] / n_mode[m], rel=1e-5)
     weighted = sum(n_mode[m] * got[f"val_loss_{m}"] for m in n_mode) / sum(n_mode.values())
     assert weighted == pytest.approx(got["val_loss"], rel=1e-12)  # (float64 sums of the same numbers)
     assert len({round(got[f"val_loss_{m}"], 6) for m in n_mode}) == 3  # three different numbers, not one copied
     # continuation batches are all [S] rows: R and X are absent, not zero
-    cont = train.validation_loss(model, continuation_batches(val, tok, 16, 8), torch.device("cpu"),
+    cont = train.validation_loss(model, continuation_batches(val, tok, 16, 128, 64, 8), torch.device("cpu"),
                                  contextlib.nullcontext(), False, tok.mode_ids)
     assert cont["val_loss_R"] is None and cont["val_loss_X"] is None and cont["val_loss_S"] == cont["val_loss"]
 

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ul2  # noqa: E402
+from model import Batch  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +163,7 @@ def test_prefix_lm_split_is_uniform(docs, tok):
     for step in range(40):
         b, idx = batches.batch(step), batches.indices(step)
         L = np.array([len(docs[i]) for i in idx])
-        frac += list((b.attention_mask.sum(1).numpy() - 2 - 0.5) / (L - 1))   # prefix of 1..L-1 -> (0, 1)
+        frac += list(((b.segment_ids > 0).sum(1).numpy() - 2 - 0.5) / (L - 1))   # prefix of 1..L-1 -> (0, 1)
     assert np.histogram(frac, bins=4, range=(0, 1))[0] / len(frac) == pytest.approx([0.25] * 4, abs=0.03)
 
 
@@ -210,34 +211,36 @@ def test_sentinels_suffice_at_configured_lengths(docs, tok):
                 assert ul2.span_counts(w, d.noise_density, d.mean_span)[1] <= min(128, len(tok.sentinel_ids))
 
 
-def same(a: ul2.Batch, b: ul2.Batch) -> bool:
+def same(a: Batch, b: Batch) -> bool:
     return all(p is q if p is None or q is None else torch.equal(p, q) for p, q in zip(a, b))
 
 
-def check_batch(batch: ul2.Batch, batches: ul2.UL2Batches, idx: np.ndarray, docs, tok):
+def check_rows(batch: Batch, batches: ul2.UL2Batches, idx: np.ndarray, docs, tok):
+    """One example per row (pack=False): example r in row r of each side, as segment r + 1."""
     enc, dec = batches.encoder_len, batches.decoder_len
-    ids, mask, dec_in, labels = batch[:4]   # (one example per row: no segment ids)
-    assert batch.segment_ids is None and batch.decoder_segment_ids is None
-    assert all(t.dtype == torch.long for t in batch[:4])
+    ids, seg, dec_in, dseg, labels = batch[:5]
+    assert batch.cross_index is None and all(t.dtype == torch.long for t in batch[:5])
     B = len(idx)
-    assert ids.shape[0] == labels.shape[0] == B and ids.shape == mask.shape and dec_in.shape == labels.shape
+    assert ids.shape[0] == labels.shape[0] == B and ids.shape == seg.shape and dec_in.shape == labels.shape == dseg.shape
     assert ids.shape[1] <= enc and labels.shape[1] <= dec
     if not batches.static_shapes:
         assert ids.shape[1] % 8 == 0 or ids.shape[1] == enc
         assert labels.shape[1] % 8 == 0 or labels.shape[1] == dec
     assert torch.isin(ids[:, 0], torch.tensor(list(tok.mode_ids.values()))).all()
-    assert torch.equal(mask, (ids != tok.pad_id).long())
+    assert torch.equal(seg > 0, ids != tok.pad_id) and torch.equal(dseg > 0, labels != -100)
+    assert torch.equal(seg.max(1).values, torch.arange(1, B + 1)) and torch.equal(dseg.max(1).values, torch.arange(1, B + 1))
     # pad only after the content; eos last
-    in_len, tgt_len = mask.sum(1), (labels != -100).sum(1)
+    in_len, tgt_len = (seg > 0).sum(1), (labels != -100).sum(1)
     pos_in, pos_out = torch.arange(ids.shape[1]), torch.arange(labels.shape[1])
-    assert torch.equal(mask.bool(), pos_in < in_len[:, None])
+    assert torch.equal(seg > 0, pos_in < in_len[:, None])
     assert torch.equal(labels != -100, pos_out < tgt_len[:, None])
     assert (ids[torch.arange(B), in_len - 1] == tok.eos_id).all()
     assert (labels[torch.arange(B), tgt_len - 1] == tok.eos_id).all()
     assert not torch.isin(labels[labels != -100], torch.tensor([tok.pad_id])).any()
-    # decoder inputs = labels shifted right, pad as the start token and after the targets
-    shifted = torch.cat([torch.full((B, 1), tok.pad_id), labels[:, :-1]], 1)
-    assert torch.equal(dec_in, torch.where(shifted == -100, tok.pad_id, shifted))
+    # decoder inputs = the labels one step right, after the start token (pad); pad after the targets
+    for r, n in enumerate(tgt_len.tolist()):
+        assert dec_in[r, 0] == tok.pad_id and torch.equal(dec_in[r, 1:n], labels[r, :n - 1])
+        assert (dec_in[r, n:] == tok.pad_id).all()
     # every row is the corruption of a contiguous window of the document it was drawn from
     for row, i in enumerate(idx):
         window = ul2.reconstruct(ids[row].numpy(), labels[row].numpy(), tok)
@@ -259,7 +262,7 @@ def test_batches_respect_lengths_and_format(lengths, docs, tok):
             batch = batches.batch(step)
             if static:
                 assert batch.input_ids.shape == (16, enc) and batch.labels.shape == (16, dec)
-            check_batch(batch, batches, batches.indices(step), docs, tok)
+            check_rows(batch, batches, batches.indices(step), docs, tok)
 
 
 def test_mixture_frequencies_in_batches(docs, tok):
@@ -285,20 +288,13 @@ def test_determinism_and_ranks(docs, tok):
     r1 = ul2.UL2Batches(docs, tok, **kw, rank=1, world_size=2)
     for step in range(5):
         assert not set(r0.indices(step)) & set(r1.indices(step))       # ranks see different documents
-        check_batch(r1.batch(step), r1, r1.indices(step), docs, tok)
-    # resume: the prefetching iterator from step s yields batch(s), batch(s + 1), ...
-    it = a.iter_from(5)
-    for step in range(5, 9):
-        assert same(next(it), a.batch(step))
-    it.close()
-    assert same(next(iter(a)), a.batch(0))
+        check_rows(r1.batch(step), r1, r1.indices(step), docs, tok)
 
 
 def test_epochs_cover_every_document_once(docs, tok):
     subset = docs[:100]
     world, bs = 3, 8                       # 24 documents per step: epochs end mid-step
     ranks = [ul2.UL2Batches(subset, tok, batch_size=bs, rank=r, world_size=world) for r in range(world)]
-    assert ranks[0].docs_per_epoch == 100 and ranks[0].docs_per_step == 24
     seen = np.concatenate([b.indices(s) for s in range(25) for b in ranks])   # 600 documents = 6 epochs
     epochs = seen.reshape(6, 100)
     for e in epochs:
@@ -314,7 +310,7 @@ def test_eval_batches_fixed_and_in_order(docs, tok):
     for x, y in zip(first, again):
         assert same(x, y)
     for k, batch in enumerate(first):
-        check_batch(batch, batches, np.arange(8 * k, min(8 * k + 8, 20)), docs, tok)
+        check_rows(batch, batches, np.arange(8 * k, min(8 * k + 8, 20)), docs, tok)
     # two ranks split the batches between them and together see the same ones
     split = [list(ul2.UL2Batches(docs, tok, encoder_len=128, decoder_len=64, batch_size=8, seed=1234, rank=r,
                                  world_size=2).eval_batches(20)) for r in range(2)]
@@ -344,30 +340,31 @@ def validation_stories() -> tuple[np.ndarray, ...]:
 
 
 def test_continuation_batches_reconstruct_the_stories(tok):
-    """[S] + first half + eos -> second half + eos, every story exactly once and whole (no cropping), whatever
-    the batch size; the 0-, 1- and 2-token prefixes of a real story too."""
+    """[S] + first half + eos -> second half + eos, every story exactly once and whole (no cropping: rows grow
+    past encoder_len / decoder_len when a story needs it), packed like training rows, whatever the batch size;
+    the 0-, 1- and 2-token prefixes of a real story too."""
     val = validation_stories()
     docs = list(val[:37]) + [val[37][:0], val[38][:1], val[39][:2]]
     seen = []
-    for batch in ul2.continuation_batches(docs, tok, batch_size=8):
-        assert torch.equal(batch.attention_mask, (batch.input_ids != tok.pad_id).long())
-        shifted = torch.where(batch.labels[:, :-1] == -100, tok.pad_id, batch.labels[:, :-1])
-        assert torch.equal(batch.decoder_input_ids[:, 1:], shifted) and (batch.decoder_input_ids[:, 0] == tok.pad_id).all()
-        for inputs, labels in zip(batch.input_ids.numpy(), batch.labels.numpy()):
-            doc = ul2.reconstruct(inputs, labels, tok)
-            body = inputs[inputs != tok.pad_id]
-            assert body[0] == tok.mode_ids["S"] and body[-1] == tok.eos_id and len(body) == len(doc) // 2 + 2
-            assert (labels != -100).sum() == len(doc) - len(doc) // 2 + 1   # the second half and eos
+    for batch in ul2.continuation_batches(docs, tok, batch_size=8, encoder_len=64, decoder_len=32):
+        seg, dseg = batch.segment_ids, batch.decoder_segment_ids
+        assert torch.equal(seg > 0, batch.input_ids != tok.pad_id) and torch.equal(dseg > 0, batch.labels != -100)
+        for k in range(1, int(seg.max()) + 1):
+            inputs, labels, dec_in = batch.input_ids[seg == k], batch.labels[dseg == k], batch.decoder_input_ids[dseg == k]
+            doc = ul2.reconstruct(inputs.numpy(), labels.numpy(), tok)
+            assert inputs[0] == tok.mode_ids["S"] and inputs[-1] == tok.eos_id and len(inputs) == len(doc) // 2 + 2
+            assert len(labels) == len(doc) - len(doc) // 2 + 1   # the second half and eos
+            assert dec_in[0] == tok.pad_id and torch.equal(dec_in[1:], labels[:-1])
             seen.append(tuple(doc.tolist()))
     assert sorted(seen) == sorted(tuple(d.tolist()) for d in docs)
-    assert max(len(d) for d in docs) > 300   # long stories stay whole (no encoder_len / decoder_len here)
+    assert max(len(d) for d in docs) > 2 * 64   # long stories stay whole
     # a prefix of the documents, split between two ranks: together the same batches as one rank
-    one = list(ul2.continuation_batches(docs, tok, batch_size=8, n_docs=30))
-    two = [list(ul2.continuation_batches(docs, tok, batch_size=8, n_docs=30, rank=r, world_size=2)) for r in range(2)]
+    one = list(ul2.continuation_batches(docs, tok, 8, 64, 32, n_docs=30))
+    two = [list(ul2.continuation_batches(docs, tok, 8, 64, 32, n_docs=30, rank=r, world_size=2)) for r in range(2)]
     assert [len(one), len(two[0]), len(two[1])] == [4, 2, 2]
     for x, y in zip([two[0][0], two[1][0], two[0][1], two[1][1]], one):
         assert same(x, y)
-    assert sum(len(b.input_ids) for b in one) == 30
+    assert sum(int(b.segment_ids.max()) for b in one) == 30
     bad = [np.concatenate([docs[0], [tok.sentinel_ids[0]]])]
     with pytest.raises(ValueError, match="plain text ids"):
-        next(ul2.continuation_batches(bad, tok, batch_size=1))
+        next(ul2.continuation_batches(bad, tok, 1, 64, 32))

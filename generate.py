@@ -1,0 +1,161 @@
+"""Generation with a ROT5 model: greedy decoding, sampling (temperature, top-k, top-p) and beam search.
+
+The big idea: the encoder runs once per prompt; the decoder then writes one token per step against a KV cache
+(model.KVCache): its self-attention keys/values are written into a preallocated tensor, one position per step,
+and the cross-attention keys/values of the encoder output are projected once per prompt and shared by its
+beams. Each step is `model.decode_step`: embed the new token, run the decoder on it alone, return its logits.
+
+    from generate import generate
+    out = generate(model, input_ids, attention_mask, max_new_tokens=64)             # greedy
+    out = generate(model, input_ids, attention_mask, do_sample=True, top_p=0.9)     # nucleus sampling
+    out = generate(model, input_ids, attention_mask, num_beams=4)                   # HF's beam search
+
+Greedy and beam search reproduce Hugging Face transformers' `generate` token for token on T5 checkpoints
+(tests/test_hf_parity.py). Returned ids exclude the start token: eos, then pad for sequences that ended early.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from model import ROT5, check_ids
+
+
+@torch.no_grad()
+def generate(model: ROT5, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 64,
+             num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             suppress_tokens: list[int] | Tensor | None = None) -> Tensor:
+    """Greedy (default), sampling (do_sample, with temperature -> top_k -> top_p filtering, as HF) or beam
+    search (num_beams > 1, HF's algorithm and defaults) from right-padded prompts (B, S). Returns
+    (B, <= max_new_tokens) ids. suppress_tokens: ids never generated (HF's SuppressTokensLogitsProcessor),
+    e.g. sentinels when continuing a story. Call model.eval() first."""
+    cfg = model.cfg
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    check_ids(input_ids, "input_ids", cfg.vocab_size)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        empty = ~attention_mask.bool().any(1)
+        if empty.any():  # its cross-attention would have nothing to attend to: no defined output
+            raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding: every input needs at least one "
+                             "real token; drop empty rows")
+    suppress = None if suppress_tokens is None or len(suppress_tokens) == 0 else \
+        torch.as_tensor(suppress_tokens, dtype=torch.long, device=input_ids.device)
+    if suppress is not None:
+        check_ids(suppress[None], "suppress_tokens", cfg.vocab_size)
+    if max_new_tokens < 1 or num_beams < 1 or temperature <= 0:
+        raise ValueError(f"need max_new_tokens >= 1, num_beams >= 1, temperature > 0; got {max_new_tokens}, "
+                         f"{num_beams}, {temperature}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search is deterministic here: use num_beams=1 with do_sample=True")
+
+    segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    enc = model.encode(input_ids, segment_ids)
+    if num_beams > 1:
+        return beam_search(model, model.new_cache(enc, max_new_tokens, num_beams, attention_mask), max_new_tokens,
+                           num_beams, eos, suppress)
+    cache = model.new_cache(enc, max_new_tokens, 1, attention_mask)
+    B, pad = input_ids.shape[0], cfg.pad_token_id
+    out = input_ids.new_full((B, max_new_tokens), pad)
+    tok = input_ids.new_full((B, 1), pad)  # decoder start token
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for t in range(max_new_tokens):
+        logits = model.decode_step(tok, cache)[:, -1]  # (B, V)
+        if suppress is not None:
+            logits[:, suppress] = -math.inf
+        if do_sample:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.masked_fill(done, pad)
+        out[:, t] = nxt
+        done |= nxt == eos
+        if done.all():
+            return out[:, : t + 1]
+        tok = nxt[:, None]
+    return out
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists -> right-padded (B, S) input_ids and their attention mask (1 on tokens), for generate."""
+    S = max(map(len, prompts))
+    input_ids = torch.tensor([p + [pad_id] * (S - len(p)) for p in prompts], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(p) + [0] * (S - len(p)) for p in prompts], dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def beam_search(model: ROT5, cache, max_new_tokens: int, K: int, eos: int, suppress: Tensor | None) -> Tensor:
+    """HF transformers' beam search (generation/utils.py `_beam_search`) with its defaults
+    (length_penalty=1, early_stopping=False), step for step, on a cache of B * K rows (rows b*K .. b*K+K-1
+    are the beams of prompt b):
+    - each step keeps the top 2K (beam, token) continuations by summed log-prob over all K beams;
+    - continuations that end (eos, or the length limit) and rank in the top K become finished
+      hypotheses scored sum_logprobs / n_generated (length_penalty = 1; n counts eos); the best K are kept;
+    - the best K continuations that did not end are the next beams (cache reordered to follow them);
+    - a prompt stops once K hypotheses are finished and its best running beam, scored with its
+      current length, cannot beat the worst of them; the search stops when every prompt has."""
+    B = cache.cross_kv.shape[2]
+    V, pad, dev, NEG = model.cfg.vocab_size, model.cfg.pad_token_id, cache.self_kv.device, -1.0e9
+    seqs = torch.full((B, K, max_new_tokens), pad, dtype=torch.long, device=dev)   # running beams
+    scores = torch.zeros(B, K, device=dev)
+    scores[:, 1:] = NEG                    # all beams start identical: only expand the first one
+    fin_seqs, fin_scores = seqs.clone(), torch.full((B, K), NEG, device=dev)
+    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    top_k_mask = torch.arange(2 * K, device=dev) < K
+    offsets = torch.arange(B, device=dev)[:, None] * K
+    tok = torch.full((B * K, 1), pad, dtype=torch.long, device=dev)
+    for t in range(max_new_tokens):
+        logp = model.decode_step(tok, cache)[:, -1].log_softmax(-1)         # (B K, V)
+        if suppress is not None:  # after the softmax, as HF applies logits processors in beam search
+            logp[:, suppress] = -math.inf
+        logp = logp.view(B, K, V) + scores[..., None]
+        cand_scores, idx = logp.view(B, K * V).topk(2 * K)                 # (B, 2K)
+        beam, token = idx // V, idx % V
+        cand = seqs.gather(1, beam[..., None].expand(-1, -1, max_new_tokens))   # (B, 2K, max_new_tokens)
+        cand[:, :, t] = token
+        ends = (token == eos) | (t + 1 == max_new_tokens)
+
+        # next running beams: the best K continuations that did not end
+        run_scores = cand_scores + ends.float() * NEG
+        keep = run_scores.topk(K).indices
+        seqs = cand.gather(1, keep[..., None].expand(-1, -1, max_new_tokens))
+        scores, src = run_scores.gather(1, keep), beam.gather(1, keep)
+
+        # finished hypotheses: merge the newly ended top-K continuations into the best K so far
+        new_fin = ends & top_k_mask
+        fin_cand = cand_scores / (t + 1) + (~improvable).float() * NEG + (~new_fin).float() * NEG
+        all_scores = torch.cat([fin_scores, fin_cand], 1)
+        best = all_scores.topk(K).indices
+        fin_scores = all_scores.gather(1, best)
+        fin_seqs = torch.cat([fin_seqs, cand], 1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
+        fin_done = torch.cat([fin_done, new_fin], 1).gather(1, best)
+        fin_len = torch.cat([fin_len, torch.full_like(cand_scores, t + 1, dtype=torch.long)], 1).gather(1, best)
+
+        cache.reorder((src + offsets).flatten())
+        tok = seqs[:, :, t].reshape(B * K, 1)
+        worst_fin = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, NEG)
+        improvable &= (scores[:, :1] / (t + 1) > worst_fin).any(1, keepdim=True)
+        if not improvable.any() or ends.all():
+            break
+    return fin_seqs[:, 0, : int(fin_len[:, 0].max())]
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Top-k then nucleus (top-p, Holtzman et al. 2020) filtering of (B, V) logits: removed entries -> -inf.
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop_sorted = p.cumsum(-1) - p >= top_p  # the more likely tokens before this one already reach top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
