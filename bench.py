@@ -61,7 +61,8 @@ import train
 import ul2
 from generate import generate
 from hf_t5 import from_hf_t5
-from model import ROT5, Batch, ROT5Config, segment_mask
+from batch import Batch
+from model import ROT5, ROT5Config, segment_mask
 from tokenizer import get_tokenizer, mistral_model_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -386,7 +387,7 @@ def decode_floor_fn(model: ROT5, x: torch.Tensor, mask: torch.Tensor, n: int, de
 
     def run() -> None:
         with torch.no_grad(), autocast(device, dtype):
-            model.new_cache(model.encode(x, mask), n, attention_mask=mask)
+            model.new_cache(model.encode(x, mask), mask, n)
             for _ in range(n):
                 for m in mats:
                     torch.nn.functional.linear(vec[m.shape[1]], m)

@@ -73,7 +73,7 @@ from checkpoint import (check_start, load_model, log_event, random_states, remov
                         resume_run, save_checkpoint)
 from configurator import check_ranges, configure
 from generate import generate, pad_prompts
-from model import Batch, check_batch
+from batch import Batch, check_batch
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples

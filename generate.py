@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from model import ROT5, check_ids
+from batch import check_ids, prompt_segments
+from model import ROT5
 
 
 @torch.no_grad()
@@ -34,15 +35,7 @@ def generate(model: ROT5, input_ids: Tensor, attention_mask: Tensor | None = Non
     e.g. sentinels when continuing a story. Call model.eval() first."""
     cfg = model.cfg
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    check_ids(input_ids, "input_ids", cfg.vocab_size)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-        empty = ~attention_mask.bool().any(1)
-        if empty.any():  # its cross-attention would have nothing to attend to: no defined output
-            raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding: every input needs at least one "
-                             "real token; drop empty rows")
+    segment_ids = prompt_segments(input_ids, attention_mask, cfg.vocab_size)
     suppress = None if suppress_tokens is None or len(suppress_tokens) == 0 else \
         torch.as_tensor(suppress_tokens, dtype=torch.long, device=input_ids.device)
     if suppress is not None:
@@ -53,12 +46,11 @@ def generate(model: ROT5, input_ids: Tensor, attention_mask: Tensor | None = Non
     if num_beams > 1 and do_sample:
         raise ValueError("beam search is deterministic here: use num_beams=1 with do_sample=True")
 
-    segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     enc = model.encode(input_ids, segment_ids)
     if num_beams > 1:
-        return beam_search(model, model.new_cache(enc, max_new_tokens, num_beams, attention_mask), max_new_tokens,
+        return beam_search(model, model.new_cache(enc, segment_ids, max_new_tokens, num_beams), max_new_tokens,
                            num_beams, eos, suppress)
-    cache = model.new_cache(enc, max_new_tokens, 1, attention_mask)
+    cache = model.new_cache(enc, segment_ids, max_new_tokens)
     B, pad = input_ids.shape[0], cfg.pad_token_id
     out = input_ids.new_full((B, max_new_tokens), pad)
     tok = input_ids.new_full((B, 1), pad)  # decoder start token

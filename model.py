@@ -11,13 +11,14 @@ then changes one thing:
     n_experts > 0        dense FFN -> Switch MoE FFN in every other layer (Fedus et al. 2021)
     ffn="gated-gelu", tie_embeddings=False   T5 v1.0 -> v1.1 (Shazeer 2020 GEGLU, untied output layer)
 
-One input layout. Every teacher-forced forward (training, evaluation, scoring) takes a `Batch` of rows with
-segment ids: a row holds one example (a padded row is one segment) or several (packed rows, ul2.py). Each
-attention keeps to its segment, positions restart in every segment. The cached decoding step (generate.py)
-is the only other path. Masks are built once per forward per stack, by the stack, and handed to its layers
-with the RoPE rotations (`Attn`); the kernel -- SDPA's dense masks, or FlexAttention's block masks -- is
-chosen from the config (`attention`), in one place (`use_flex`). Input checks (`check_batch`) run where
-batches enter, not in the forward, so that a compiled training step is one graph with no host sync.
+One input layout. Every teacher-forced forward (training, evaluation, scoring) takes a `batch.Batch` of rows
+with segment ids: a row holds one example (a padded row is one segment) or several (packed rows, ul2.py).
+Each attention keeps to its segment, positions restart in every segment. The cached decoding step
+(generate.py) is the only other path. Masks are built once per forward per stack, by the stack, and handed
+to its layers with the RoPE rotations (`Attn`); the kernel -- SDPA's dense masks, or FlexAttention's block
+masks -- is chosen from the config (`attention`), in one place (`use_flex`). Input checks
+(`batch.check_batch`) run where batches enter, not in the forward, so that a compiled training step is one
+graph with no host sync.
 
 Map of the classes (top-down):
 
@@ -50,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from batch import Batch, read_segments
 
 
 @dataclass
@@ -117,127 +120,6 @@ class ROT5Config:
         for name in ("pad_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, vocab_size={self.vocab_size})")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The input: rows with segment ids
-
-
-class Batch(NamedTuple):
-    """ROT5.forward's input: teacher-forced rows holding one or several examples each. Example k (k >= 1) is
-    segment k on both sides, in whichever encoder row and decoder row it lands; 0 marks padding. T5 packs
-    several examples per row so that no compute goes to padding (seqio's trim_and_pack); ul2.pack_examples
-    builds such rows, with the two sides packed apart."""
-    input_ids: Tensor                   # (B_enc, S)
-    segment_ids: Tensor                 # (B_enc, S)
-    decoder_input_ids: Tensor           # (B_dec, T): each example's labels shifted right (shift_right)
-    decoder_segment_ids: Tensor         # (B_dec, T)
-    labels: Tensor | None = None        # (B_dec, T): targets, -100 where there is none; None: no loss
-    cross_index: Tensor | None = None   # (B_dec, X): the flat encoder positions b' * S + s decoder row b reads,
-                                        # its examples' inputs back to back, -1 after; None: row b reads row b
-
-    def to(self, device, non_blocking: bool = True) -> Batch:
-        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
-
-    def mark_dynamic(self) -> Batch:
-        """For torch.compile: packed batches' row counts and gathered key width vary from one micro-batch to
-        the next. Marked dynamic, the step compiles once with symbolic sizes instead of at each new size."""
-        for t in self:
-            if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        if self.cross_index is not None:
-            torch._dynamo.maybe_mark_dynamic(self.cross_index, 1)
-        return self
-
-
-def shift_right(labels: Tensor, segment_ids: Tensor, pad_id: int) -> Tensor:
-    """Teacher forcing's decoder inputs: each segment's labels one step right after the start token, which is
-    T5's pad: [pad, y_0, .., y_{n-2}] per segment; pad where labels are -100."""
-    dec = torch.cat([labels.new_full((len(labels), 1), pad_id), labels[:, :-1]], dim=1)
-    dec[:, 1:].masked_fill_(segment_ids[:, 1:] != segment_ids[:, :-1], pad_id)
-    return dec.masked_fill(dec == -100, pad_id)
-
-
-def padded_batch(cfg: ROT5Config, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                 decoder_input_ids: Tensor | None = None) -> Batch:
-    """Hugging Face's layout -- one example per row, right-padded -- as a checked Batch: a row is one segment,
-    on the decoder side up to its last label (decoder_input_ids alone: the whole row)."""
-    check_ids(input_ids, "input_ids", cfg.vocab_size)
-    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape):
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-    if labels is None and decoder_input_ids is None:
-        raise ValueError("pass decoder_input_ids or labels (decoder inputs are labels shifted right)")
-    segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    if labels is not None:
-        check_ids(labels, "labels", cfg.vocab_size, allow_ignore=True)
-        decoder_segment_ids = ((labels != -100).flip(1).cumsum(1).flip(1) > 0).long()   # up to the last label
-    else:
-        decoder_segment_ids = torch.ones_like(decoder_input_ids)
-    if decoder_input_ids is None:
-        decoder_input_ids = shift_right(labels, decoder_segment_ids, cfg.pad_token_id)
-    batch = Batch(input_ids, segment_ids, decoder_input_ids, decoder_segment_ids, labels)
-    check_batch(batch, cfg)
-    return batch
-
-
-def check_ids(ids: Tensor, name: str, vocab_size: int, allow_ignore: bool = False) -> None:
-    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an int64 tensor of token ids, got {what}")
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"{name} must have shape (batch, length) with length > 0, got {tuple(ids.shape)}")
-    valid = (ids >= 0) & (ids < vocab_size)
-    if allow_ignore:
-        valid |= ids == -100
-    if not valid.all():
-        bad = ids[~valid][0].item()
-        raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size})"
-                         f"{' (or -100 = ignore)' if allow_ignore else ''}: tokenizer and model config disagree")
-
-
-def check_batch(batch: Batch, cfg: ROT5Config) -> None:
-    """Every one-line error a bad Batch gets. ROT5.forward does not run these: each reads a value back to the
-    host, which on a GPU waits for the device to go idle, and under torch.compile splits the graph. They run
-    where batches enter instead: train.py and finetune.py check each micro-batch on the CPU before moving it,
-    padded_batch and generate.py check theirs."""
-    check_ids(batch.input_ids, "input_ids", cfg.vocab_size)
-    check_ids(batch.decoder_input_ids, "decoder_input_ids", cfg.vocab_size)
-    labels, seg, dseg, cross = batch.labels, batch.segment_ids, batch.decoder_segment_ids, batch.cross_index
-    if labels is not None:
-        check_ids(labels, "labels", cfg.vocab_size, allow_ignore=True)
-        if labels.shape != batch.decoder_input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
-                             f"{tuple(batch.decoder_input_ids.shape)} must have the same shape")
-        if (labels == -100).all():  # the mean over no tokens is NaN
-            raise ValueError("labels are all -100 (ignored): a batch needs at least one token to predict")
-    for name, s, ids in (("segment_ids", seg, batch.input_ids), ("decoder_segment_ids", dseg, batch.decoder_input_ids)):
-        if not isinstance(s, Tensor) or s.dtype not in (torch.int64, torch.int32) or s.shape != ids.shape:
-            raise ValueError(f"{name} must be an int tensor shaped like its token ids {tuple(ids.shape)}")
-        if (s < 0).any():
-            raise ValueError(f"{name} must be >= 0 (0 = padding, k = example k of the batch)")
-    empty = seg.max(1).values == 0
-    if empty.any():  # its cross-attention would have nothing to attend to: no defined output
-        raise ValueError(f"input row {int(empty.nonzero()[0])} is all padding: every input needs at least one real "
-                         "token; drop empty rows")
-    read = seg                                       # the encoder segment ids each decoder row reads
-    if cross is not None:
-        if (not isinstance(cross, Tensor) or cross.dtype not in (torch.int64, torch.int32) or cross.dim() != 2
-                or len(cross) != len(dseg)):
-            raise ValueError(f"cross_index must be an int tensor with one row per decoder row ({len(dseg)})")
-        if ((cross < -1) | (cross >= seg.numel())).any():
-            raise ValueError(f"cross_index must hold encoder positions in [0, {seg.numel()}) or -1")
-        read = read_segments(seg, cross)
-    elif len(seg) != len(dseg):
-        raise ValueError(f"{len(dseg)} decoder rows read {len(seg)} encoder rows: pass cross_index "
-                         "(ul2.pack_examples makes it) or one decoder row per encoder row")
-    n = int(torch.maximum(read.max(), dseg.max())) + 1
-    present = torch.zeros(len(read), n, dtype=torch.bool, device=read.device)
-    present.scatter_(1, read.long(), True)
-    present[:, 0] = True   # decoder padding
-    if not present.gather(1, dseg.long()).all():
-        raise ValueError("a decoder segment has no encoder segment with its id where its row reads: example k "
-                         "must be segment k on both sides, and cross_index must list its encoder positions")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,12 +241,6 @@ def same_segment(q_seg: Tensor, k_seg: Tensor, k: Tensor) -> Tensor:
     over no key would be NaN in SDPA, and more keys would make FlexAttention compute every key block for the
     query blocks that end the rows."""
     return torch.where(q_seg > 0, q_seg == k_seg, k == 0)
-
-
-def read_segments(seg: Tensor, index: Tensor) -> Tensor:
-    """The segment ids at the flat positions `index` of seg (B, S), 0 where index is -1 (cross_index: what a
-    packed decoder row reads). On whole tensors, and on one index at a time in FlexAttention's mask_mod."""
-    return torch.where(index >= 0, seg.flatten()[index.clamp(min=0)], 0)
 
 
 def segment_mask(q_seg: Tensor, k_seg: Tensor, causal: bool, bias: Tensor | None, flex: bool,
@@ -635,7 +511,7 @@ class KVCache:
     is exactly here. Beam search trades memory for speed: `spare` doubles the self-attention cache."""
     self_kv: Tensor                 # (n_decoder_layers, 2, B, n_kv_heads, max_len, head_dim)
     cross_kv: Tensor                # (n_decoder_layers, 2, B or B / beams, n_kv_heads, S, head_dim)
-    cross_mask: Tensor | None       # (B or B / beams, 1, 1, S) bool: the prompts' real tokens; None: no padding
+    cross_mask: Tensor              # (B or B / beams, 1, 1, S) bool: the prompts' real tokens
     length: int = 0                 # decoder positions filled = position of the next decoder token
     spare: Tensor | None = None     # beam search: the buffer `reorder` gathers into
 
@@ -810,16 +686,13 @@ class ROT5(nn.Module):
         """(B, S) ids (padded prompts: segment ids = attention mask) -> (B, S, d_model) encoder output."""
         return self.encoder(self.embed(input_ids), segment_ids, use_flex(self.cfg, input_ids, self.training))
 
-    def new_cache(self, enc: Tensor, max_len: int, beams: int = 1, attention_mask: Tensor | None = None) -> KVCache:
-        """KV cache for decoding up to max_len positions against encoder output enc (B, S, d), for B * beams
-        sequences (rows b*beams .. b*beams+beams-1 decode against prompt b; they share its cross K/V).
-        attention_mask: the prompts' (B, S) real tokens (None: no padding)."""
-        segment_ids = torch.ones(enc.shape[:2], dtype=torch.long, device=enc.device) if attention_mask is None \
-            else attention_mask.long()
+    def new_cache(self, enc: Tensor, segment_ids: Tensor, max_len: int, beams: int = 1) -> KVCache:
+        """KV cache for decoding up to max_len positions against encoder output enc (B, S, d) of prompts with
+        segment ids (B, S) (each row one segment; 0 at padding), for B * beams sequences (rows b*beams ..
+        b*beams+beams-1 decode against prompt b; they share its cross K/V)."""
         cross = torch.stack(self.decoder.project_kv(enc, segment_ids))
         L, _, B, Hkv, _, Dh = cross.shape
-        cross_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        return KVCache(cross.new_zeros(L, 2, B * beams, Hkv, max_len, Dh), cross, cross_mask)
+        return KVCache(cross.new_zeros(L, 2, B * beams, Hkv, max_len, Dh), cross, (segment_ids > 0)[:, None, None, :])
 
     def decode_step(self, decoder_input_ids: Tensor, cache: KVCache) -> Tensor:
         """Feed (B, T) decoder tokens at positions cache.length.. (T = 1 when generating); returns their

@@ -33,7 +33,7 @@ encoder rows of encoder_len and decoder rows of decoder_len, each side packed ap
 little from one micro-batch to the next; the loss is the same token-weighted mean over the same examples, so
 pack=False (one example per row) trains the same model, slower. Evaluation packs its rows too.
 --compile: the training step is one graph (the model reads nothing back to the host but a Switch FFN's
-expert counts; batches are checked on the CPU before they move: model.check_batch), compiled once with
+expert counts; batches are checked on the CPU before they move: batch.check_batch), compiled once with
 symbolic row counts (Batch.mark_dynamic); on a GPU its attention is FlexAttention (model.use_flex). The one
 wait for the device per optimizer step is the read of the step's losses (the non-finite check).
 A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
@@ -85,7 +85,8 @@ import prepare
 import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure
-from model import ROT5, Batch, ROT5Config, RelativePositionBias, SwitchFFN, check_batch, lm_loss
+from batch import Batch, check_batch
+from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN, lm_loss
 from ul2 import MODES, UL2Batches, continuation_batches
 
 # -----------------------------------------------------------------------------------------------------------

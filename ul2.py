@@ -75,7 +75,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from model import Batch, shift_right
+from batch import Batch, shift_right
 
 
 class Denoiser(NamedTuple):

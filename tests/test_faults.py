@@ -405,7 +405,7 @@ def test_generation_budget_counts_what_generate_allocates():
     rows, prompt_len, T = 3, 11, 17
     enc = torch.zeros(rows, prompt_len, model.cfg.d_model)
     for beams in (1, 4):
-        cache = model.new_cache(enc, T, beams=beams)
+        cache = model.new_cache(enc, torch.ones(enc.shape[:2], dtype=torch.long), T, beams=beams)
         kv = cache.self_kv.numel() * cache.self_kv.element_size() * (2 if beams > 1 else 1)  # + the spare (beams)
         fixed, per_token = sample.generation_bytes(model.cfg, rows, prompt_len, beams)
         assert fixed == cache.cross_kv.numel() * cache.cross_kv.element_size()

@@ -8,7 +8,7 @@ import torch
 
 from generate import generate
 from hf_t5 import from_hf_t5
-from model import padded_batch, shift_right
+from batch import padded_batch, shift_right
 from tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -26,7 +26,8 @@ import train
 from checkpoint import load_model, save_checkpoint
 from generate import generate
 from hf_t5 import from_hf_t5, to_hf_t5
-from model import ROT5, ROT5Config, padded_batch, shift_right
+from batch import padded_batch, shift_right
+from model import ROT5, ROT5Config
 from tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")

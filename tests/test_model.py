@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from batch import check_batch, padded_batch, shift_right
 from generate import generate
-from model import (ROT5, Attn, CrossAttention, EncoderSelfAttention, FFN, ROT5Config, SwitchFFN, apply_rope, check_batch,
-                   padded_batch, rope_cos_sin, shift_right)
+from model import ROT5, Attn, CrossAttention, EncoderSelfAttention, FFN, ROT5Config, SwitchFFN, apply_rope, rope_cos_sin
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     dec = padded_batch(model.cfg, x, am, labels).decoder_input_ids
     with torch.no_grad():
         full = model(padded_batch(model.cfg, x, am, decoder_input_ids=dec)).logits     # (B, T, V)
-        cache = model.new_cache(model.encode(x, am), dec.shape[1], attention_mask=am)
+        cache = model.new_cache(model.encode(x, am), am, dec.shape[1])
         steps = torch.stack([model.decode_step(dec[:, t: t + 1], cache)[:, 0] for t in range(dec.shape[1])], 1)
     assert cache.self_kv.shape[3] == model.cfg.n_kv_heads  # the cache stores K/V heads, not query heads
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)

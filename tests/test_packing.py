@@ -11,7 +11,8 @@ import torch
 import prepare
 import ul2
 from bench import HostReads
-from model import ROT5, check_batch, segment_mask, segment_positions, shift_right
+from batch import check_batch, shift_right
+from model import ROT5, segment_mask, segment_positions
 from test_model import VARIANTS, tiny
 from tokenizer import get_tokenizer
 

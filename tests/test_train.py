@@ -19,7 +19,8 @@ sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
-from model import ROT5, Batch, ROT5Config  # noqa: E402
+from batch import Batch  # noqa: E402
+from model import ROT5, ROT5Config  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 from ul2 import UL2Batches, continuation_batches  # noqa: E402
 

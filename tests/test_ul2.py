@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ul2  # noqa: E402
-from model import Batch  # noqa: E402
+from batch import Batch  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
