@@ -75,7 +75,7 @@ import os
 import re
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import numpy as np
@@ -443,18 +443,32 @@ def tokenize_chunk(chunk: bytes, tok: Tokenizer, instruct: bool = False) -> Chun
     if too_long is not None:
         raise ValueError(f"record of {len(too_long.encode()):,} bytes (starts {too_long[:40]!r}); "
                          "is this a TinyStories file? (records are separated by lines `<|endoftext|>`)")
+    return _encode(docs, len(chunk), skipped, bad, tok, instruct)
+
+
+def tokenize_records(records: list[str | bytes | None], tok: Tokenizer) -> Chunk:
+    """Tokenize a block of documents a corpus reader split apart (read_corpus): str, bytes (decoded here, bytes
+    that are not UTF-8 counted as for TinyStories files) or None (a missing value). Each is stripped; empty
+    ones are skipped and counted."""
+    _bad_bytes[0] = 0
+    texts = [r.decode("utf-8", errors="prepare_count") if isinstance(r, bytes) else r or "" for r in records]
+    docs = [t for t in (t.strip() for t in texts) if t]
+    return _encode(docs, sum(map(len, texts)), len(texts) - len(docs), _bad_bytes[0], tok, False)
+
+
+def _encode(docs: list[str], n_bytes: int, skipped: int, bad: int, tok: Tokenizer, instruct: bool) -> Chunk:
     pairs, pairs_skipped, texts = None, 0, docs
     if instruct:
         fields = [parse_instruct(d) for d in docs]
         keep = [f for f in fields if f.get("Story") and f.get("Summary")]
         pairs_skipped = len(fields) - len(keep)
         texts = docs + [f["Story"] for f in keep] + [f["Summary"] for f in keep]
-    ids = tok.encode(texts)  # one batched call: the fast path of SentencePiece
+    ids = tok.encode(texts) if texts else []  # one batched call: the fast path of SentencePiece
     tokens, lengths = _pack(ids[:len(docs)], tok.eos_id)
     if instruct:
         n = (len(ids) - len(docs)) // 2
         pairs = (*_pack(ids[len(docs):len(docs) + n], tok.eos_id), *_pack(ids[len(docs) + n:], tok.eos_id))
-    return Chunk(len(chunk), tokens, lengths, skipped, bad, pairs, pairs_skipped)
+    return Chunk(n_bytes, tokens, lengths, skipped, bad, pairs, pairs_skipped)
 
 
 _worker_tok: Tokenizer | None = None
@@ -465,8 +479,8 @@ def _init_worker(tokenizer_name: str) -> None:
     _worker_tok = get_tokenizer(tokenizer_name)  # once per worker process, not once per chunk
 
 
-def _work(chunk: bytes, instruct: bool) -> Chunk:
-    return tokenize_chunk(chunk, _worker_tok, instruct)
+def _work(chunk: bytes | list, instruct: bool) -> Chunk:
+    return tokenize_chunk(chunk, _worker_tok, instruct) if isinstance(chunk, bytes) else tokenize_records(chunk, _worker_tok)
 
 
 def default_workers() -> int:
@@ -479,21 +493,30 @@ def tokenize_file(path: str, tok: Tokenizer, workers: int = 1, instruct: bool = 
         n_tokens = sum(len(c.tokens) for c in tokenize_file(path, tok, workers))   # includes one eos per doc
     workers > 1 tokenizes in a process Pool (tok must come from get_tokenizer: workers rebuild it by name).
     """
-    chunks = iter_chunks(path, start, stop)
+    for _, chunk in tokenize_in_order(((None, c) for c in iter_chunks(path, start, stop)), tok, workers, instruct):
+        yield chunk
+
+
+def tokenize_in_order(items: Iterator[tuple[object, bytes | list]], tok: Tokenizer, workers: int = 1,
+                      instruct: bool = False) -> Iterator[tuple[object, Chunk]]:
+    """(tag, Chunk) for each (tag, block) in order: a block is bytes of whole <|endoftext|> records (iter_chunks)
+    or a list of documents (read_corpus); the tag rides along in this process (the split a block goes to)."""
     if workers <= 1:
-        for c in chunks:
-            yield tokenize_chunk(c, tok, instruct)
+        for tag, c in items:
+            yield tag, tokenize_chunk(c, tok, instruct) if isinstance(c, bytes) else tokenize_records(c, tok)
         return
     with mp.Pool(workers, initializer=_init_worker, initargs=(tok.name,)) as pool:
         # Pool.imap would read the whole file ahead into its task queue; a bounded window keeps memory
         # flat and the results in order, while 2 tasks per worker keep every core busy.
         pending: deque = deque()
-        for c in chunks:
-            pending.append(pool.apply_async(_work, (c, instruct)))
+        for tag, c in items:
+            pending.append((tag, pool.apply_async(_work, (c, instruct))))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                tag, result = pending.popleft()
+                yield tag, result.get()
         while pending:
-            yield pending.popleft().get()
+            tag, result = pending.popleft()
+            yield tag, result.get()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,53 +542,75 @@ def _write_index(path: str, lengths: list[np.ndarray], out_dir: str) -> None:
         np.save(f, offsets)
 
 
+class SplitWriter:
+    """One split's shards, filled chunk by chunk: {split}.bin (and pairs/ for instruct data) through atomic_write
+    inside `stack`, so an error anywhere before the stack closes leaves no file behind; write_index() after it
+    closed. counts: documents, tokens, skipped (empty records), bad_bytes (and pairs)."""
+
+    def __init__(self, out_dir: str, split: str, instruct: bool, stack: ExitStack):
+        self.out_dir, self.split, self.instruct = out_dir, split, instruct
+        self.counts = {"documents": 0, "tokens": 0, "skipped": 0, "bad_bytes": 0}
+        self.pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
+        self.lengths: list[np.ndarray] = []
+        self.pair_lengths: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        self.pairs_dir = os.path.join(out_dir, "pairs")
+        then = _retry_note(out_dir)
+        self.f = stack.enter_context(atomic_write(os.path.join(out_dir, f"{split}.bin"), then=then))
+        if instruct:
+            os.makedirs(self.pairs_dir, exist_ok=True)
+            self.fs = stack.enter_context(atomic_write(os.path.join(self.pairs_dir, f"{split}_story.bin"), then=then))
+            self.fm = stack.enter_context(atomic_write(os.path.join(self.pairs_dir, f"{split}_summary.bin"), then=then))
+
+    def add(self, c: Chunk) -> None:
+        self.f.write(c.tokens.tobytes())
+        self.lengths.append(c.lengths)
+        self.counts["documents"] += len(c.lengths)
+        self.counts["tokens"] += int(c.lengths.sum())
+        self.counts["skipped"] += c.skipped
+        self.counts["bad_bytes"] += c.bad_bytes
+        if self.instruct:
+            st, sl, mt, ml = c.pairs
+            self.fs.write(st.tobytes())
+            self.fm.write(mt.tobytes())
+            self.pair_lengths[0].append(sl)
+            self.pair_lengths[1].append(ml)
+            self.pairs["pairs"] += len(sl)
+            self.pairs["story_tokens"] += int(sl.sum())
+            self.pairs["summary_tokens"] += int(ml.sum())
+            self.pairs["skipped"] += c.pairs_skipped
+
+    def check(self, source: str) -> None:
+        """Raise (inside the stack: no file is kept) if `source` gave this split nothing to write."""
+        if self.counts["documents"] == 0:
+            raise ValueError(f"{source} has no non-empty record: nothing to write for {self.split}")
+        if self.instruct and self.pairs["pairs"] == 0:
+            raise ValueError(f"{source}: none of its {self.counts['documents']} records has both a Story: and a "
+                             "Summary: field; is this a TinyStories-Instruct file?")
+
+    def write_index(self) -> dict:
+        """The index files (after the shards were committed); returns the split's counts for meta.json."""
+        _write_index(os.path.join(self.out_dir, f"{self.split}.idx.npy"), self.lengths, self.out_dir)
+        if not self.instruct:
+            return dict(self.counts)
+        _write_index(os.path.join(self.pairs_dir, f"{self.split}_story.idx.npy"), self.pair_lengths[0], self.out_dir)
+        _write_index(os.path.join(self.pairs_dir, f"{self.split}_summary.idx.npy"), self.pair_lengths[1], self.out_dir)
+        return {**self.counts, "pairs": dict(self.pairs)}
+
+
 def write_split(out_dir: str, split: str, path: str, tok: Tokenizer, workers: int, instruct: bool,
                 start: int = 0, stop: int | None = None, desc: str = "") -> dict:
     """Tokenize one split of one source file into out_dir/{split}.bin + .idx.npy (and pairs/). Returns its counts."""
     from tqdm import tqdm
 
     stop = os.path.getsize(path) if stop is None else stop
-    counts = {"documents": 0, "tokens": 0, "skipped": 0, "bad_bytes": 0}
-    lengths: list[np.ndarray] = []
-    pair_lengths: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    pairs_dir = os.path.join(out_dir, "pairs")
-    if instruct:
-        os.makedirs(pairs_dir, exist_ok=True)
-    then = _retry_note(out_dir)
-    with atomic_write(os.path.join(out_dir, f"{split}.bin"), then=then) as f, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_story.bin"), then=then) if instruct else nullcontext()) as fs, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_summary.bin"), then=then) if instruct else nullcontext()) as fm, \
-            tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
-        pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
-        for c in tokenize_file(path, tok, workers, instruct, start, stop):
-            f.write(c.tokens.tobytes())
-            lengths.append(c.lengths)
-            counts["documents"] += len(c.lengths)
-            counts["tokens"] += int(c.lengths.sum())
-            counts["skipped"] += c.skipped
-            counts["bad_bytes"] += c.bad_bytes
-            if instruct:
-                st, sl, mt, ml = c.pairs
-                fs.write(st.tobytes())
-                fm.write(mt.tobytes())
-                pair_lengths[0].append(sl)
-                pair_lengths[1].append(ml)
-                pairs["pairs"] += len(sl)
-                pairs["story_tokens"] += int(sl.sum())
-                pairs["summary_tokens"] += int(ml.sum())
-                pairs["skipped"] += c.pairs_skipped
-            bar.update(c.n_bytes)
-        if counts["documents"] == 0:  # raising here discards the temp files: no empty split on disk
-            raise ValueError(f"{path} (bytes {start}..{stop}) has no non-empty record: nothing to write for {split}")
-        if instruct and pairs["pairs"] == 0:
-            raise ValueError(f"{path}: none of its {counts['documents']} records has both a Story: and a Summary: "
-                             "field; is this a TinyStories-Instruct file?")
-    _write_index(os.path.join(out_dir, f"{split}.idx.npy"), lengths, out_dir)
-    if instruct:
-        _write_index(os.path.join(pairs_dir, f"{split}_story.idx.npy"), pair_lengths[0], out_dir)
-        _write_index(os.path.join(pairs_dir, f"{split}_summary.idx.npy"), pair_lengths[1], out_dir)
-        counts["pairs"] = pairs
-    return counts
+    with ExitStack() as stack:
+        writer = SplitWriter(out_dir, split, instruct, stack)
+        with tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
+            for c in tokenize_file(path, tok, workers, instruct, start, stop):
+                writer.add(c)
+                bar.update(c.n_bytes)
+        writer.check(f"{path} (bytes {start}..{stop})")  # raising here discards the temp files: no empty split on disk
+    return writer.write_index()
 
 
 def sha256_file(path: str) -> str:
