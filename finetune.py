@@ -71,36 +71,42 @@ from rouge_score import rouge_scorer
 import prepare
 from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
                         resume_run, save_checkpoint)
-from configurator import check_ranges, configure
+from configurator import check_ranges, configure, documented_keys, help_text, wants_help
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples
 
 # -----------------------------------------------------------------------------
-# defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
+# defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them.
+# `python finetune.py --help` lists these keys under the group comments below, each with its trailing comment.
 DEFAULTS: dict = dict(
-    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
-    out_dir="out/rot5_mini_summary",
+    # data
     dataset="tinystories_instruct",     # data/<dataset>/ from `python prepare.py <dataset>`
     train_pairs=1_000_000,              # use the first N training pairs (the seed: 1M); 0 = all
-    epochs=1.0,
-    batch_size=32,                      # pairs per optimizer step
-    micro_batch_size=32,                # pairs per forward; gradient accumulation = batch_size / micro_batch_size
-    learning_rate=1e-4,
-    weight_decay=0.01,
-    warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
-    grad_clip=1.0,                      # max global gradient norm (0: no clipping)
-    max_bad_steps=5,                    # stop after this many non-finite steps in a row (each one is skipped)
-    dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     encoder_len=512,                    # longer stories are cut (and counted)
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
     pack=True,                          # several pairs per training row (ul2.pack_examples): no compute on padding
+    # model
+    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
+    dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
+    # optimization: AdamW (betas 0.9, 0.999), as pre-training
+    batch_size=32,                      # pairs per optimizer step
+    micro_batch_size=32,                # pairs per forward; gradient accumulation = batch_size / micro_batch_size
+    learning_rate=1e-4,                 # peak learning rate
+    weight_decay=0.01,                  # on matrices only (train.param_groups)
+    grad_clip=1.0,                      # max global gradient norm (0: no clipping)
+    max_bad_steps=5,                    # stop after this many non-finite steps in a row (each one is skipped)
+    # schedule: the budget, the learning rate, logging and evaluation
+    epochs=1.0,                         # passes over the training pairs (fractional is fine)
+    warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
+    log_interval=50,                    # steps between "train" events
     eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
     eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
-    eval_batch_size=64,
+    eval_batch_size=64,                 # pairs per evaluation forward and generation
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
-    log_interval=50,
-    seed=1337,
+    # system
+    out_dir="out/rot5_mini_summary",    # the run's directory: ckpt.pt, metrics.jsonl, predictions.jsonl, curves.png
+    seed=1337,                          # the pairs' order and dropout
     resume=False,                       # continue out_dir/ckpt.pt (written at every evaluation)
     device="auto",                      # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N"
 )
@@ -112,6 +118,12 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 
 
 def main(argv: list[str]) -> dict:
+    if wants_help(argv):
+        print(help_text("usage: python finetune.py [CONFIG_FILE ...] [--key=value ...]",
+                        "Fine-tune a ROT5 checkpoint (or an HF T5) on story -> summary pairs and score it with ROUGE-L "
+                        "(the top of finetune.py has the details).",
+                        documented_keys(__file__, DEFAULTS, scope="DEFAULTS"), DEFAULTS, argv))
+        return {}
     cfg = configure(DEFAULTS, argv)
     check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
                                 "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
