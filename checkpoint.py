@@ -324,7 +324,7 @@ def resume_hint(ckpt_path: str) -> str:
 
 
 # the files a run writes in its out_dir with diskio.atomic_write: their temp files are the run's own
-RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl"]
+RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl", "curves.png"]
 
 
 def remove_run_temps(out_dir: str, say: Callable[[str], None] = print) -> None:

@@ -40,6 +40,8 @@ A full disk, a damaged shard or a bad setting ends the run with one line and the
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
+    curves.png     the loss curves, learning rate and tokens/s, redrawn at every evaluation (plot.py; needs
+                   matplotlib); wandb_log / tensorboard_log send every event to those trackers too
     metrics.jsonl  one JSON object per event, for plots:
         {"event": "train", "step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm",
          "tok_per_s", "mfu" (null if the peak is unknown), "enc_real" / "dec_real" (the fraction of encoder /
@@ -86,6 +88,7 @@ import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
+from plot import Tracker, check_trackers
 from ul2 import MODES, Batch, UL2Batches, continuation_batches
 
 # -----------------------------------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ compile = False           # torch.compile the model (pads rows to encoder_len / 
 dtype = "auto"            # "float32" | "bfloat16" (autocast) | "auto": bfloat16 where it is faster (resolve_dtype)
 seed = 0                  # the documents' order, their corruption, the initial weights and dropout
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
+wandb_log = False         # send the metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline: on disk)
+wandb_project = "rot5"    # its W&B project
+wandb_run_name = ""       # its W&B run name ("": W&B picks one)
+tensorboard_log = False   # write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # -----------------------------------------------------------------------------------------------------------
 TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # --help's lines for the ROT5Config fields that have no comment in model.py (a comment there is used instead)
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
     check_data_settings(config)
+    check_trackers(config)
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -293,9 +301,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         remove_run_temps(cfg.out_dir, say)
         restart_log(metrics_path, start_step if resuming[0] else None, say)
 
+    tracker = Tracker(config, metrics_path, say) if master else None  # curves.png, W&B, TensorBoard (plot.py)
+
     def log(event: dict) -> None:
         if master:
             log_event(metrics_path, event)
+            tracker.log(event)
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -424,6 +435,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             save(done)
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
+    if master:
+        tracker.close()
     return {**last_eval, "max_steps": max_steps}
 
 
