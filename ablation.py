@@ -94,6 +94,7 @@ import train
 from checkpoint import t5_tokenizer_name
 from configurator import configure, read_config_file
 from model import ROT5, ROT5Config, SwitchFFN
+from plot import TRACKING_KEYS
 from tokenizer import get_tokenizer
 from ul2 import UL2Batches
 
@@ -371,13 +372,14 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
     """script_main(argv) (train.main or finetune.main) unless run_dir/ablation.json holds a result for this config;
     `what` and the equivalent command line are printed when it runs.
 
-    ablation.json = {"config": the resolved config, "result": the script's return value (null while running),
-    "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation.
+    ablation.json = {"config": the resolved config (but out_dir, resume and the tracking keys, which change where
+    the numbers go, not what they are), "result": the script's return value (null while running), "wall_s"}.
+    It is written before the run so that a changed setting is caught on the next invocation.
     An interrupted run continues from its last checkpoint (train.py and finetune.py check it is the same model
     and run). wall_s adds up every invocation that worked on the run: what it cost, including the steps redone
     after the last checkpoint."""
     state_path = os.path.join(run_dir, "ablation.json")
-    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume")}
+    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume", *TRACKING_KEYS)}
     spent = 0.0  # seconds earlier, interrupted invocations spent on this run
     if os.path.exists(state_path):
         with open(state_path) as f:

@@ -39,6 +39,8 @@ PANELS = (
 STYLES = ("-", "--", ":")  # a panel's series, in order; colours tell runs apart
 # the packages behind the tracking keys: key -> (module to import, pip package)
 TRACKERS = {"wandb_log": ("wandb", "wandb"), "tensorboard_log": ("tensorboard", "tensorboard")}
+# the config keys of tracking: where a run's numbers go, never what they are
+TRACKING_KEYS = ("wandb_log", "wandb_project", "wandb_run_name", "tensorboard_log")
 
 
 def read_metrics(run_dir: str) -> list[dict]:
