@@ -44,7 +44,9 @@ Scales:
                 documents each), fine-tuning with config/finetune_summary.py (1M pairs of
                 TinyStories-Instruct). Needs `python prepare.py tinystories` and `tinystories_instruct`
                 and a GPU: `--plan` prints the runs and their cost estimated from FLOPs (~0.3 hours per
-                pre-training, ~2 hours in all on one H100 at an ASSUMED 30% MFU; not measured).
+                pre-training, ~2 hours in all on one H100 at an ASSUMED 30% MFU; not measured). At the CPU
+                scale `--plan` times a few training steps of each variant on this CPU instead. Either way it
+                reads the prepared bundled sample (python prepare.py sample, sample_instruct) and writes nothing.
 
 Usage:
     python ablation.py                                   # CPU scale, 3 seeds, out/ablation
@@ -52,6 +54,7 @@ Usage:
     python ablation.py --scale full --out out/ablation_full
     python ablation.py --scale full --out out/ablation_full --flan   # + the FLAN-T5-Base row (the seed's 55.71)
     python ablation.py --scale full --plan               # the runs, steps, FLOPs and GPU-hours; trains nothing
+    python ablation.py --plan                            # the CPU scale: CPU time from a few steps timed here
     python ablation.py --steps 20                        # pre-train every variant for 20 steps instead
     python ablation.py --variants t5_base,rot5_base_gqa  # a subset (in the study's order)
     python ablation.py --variants config/t5_base.py,my_variant.py   # your own variants, each against the first
@@ -75,6 +78,7 @@ import io
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -90,6 +94,7 @@ import train
 from configurator import configure, read_config_file
 from hf_t5 import t5_tokenizer_name
 from model import ROT5, ROT5Config, SwitchFFN
+from plot import TRACKING_KEYS
 from tokenizer import get_tokenizer
 from ul2 import UL2Batches
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     variants, seeds = args.variants, args.seeds
     t_start = time.perf_counter()
-    if args.scale == "cpu" or args.plan:  # the bundled sample: cheap, idempotent ("up to date" when done)
+    if args.scale == "cpu" and not args.plan:  # the bundled sample: cheap, idempotent ("up to date" when done)
         with contextlib.redirect_stdout(io.StringIO()):
             for name in ("sample", "sample_instruct"):
                 prepare.prepare(name, out_dir=os.path.join("data", name))
@@ -368,13 +373,14 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
     """script_main(argv) (train.main or finetune.main) unless run_dir/ablation.json holds a result for this config;
     `what` and the equivalent command line are printed when it runs.
 
-    ablation.json = {"config": the resolved config, "result": the script's return value (null while running),
-    "wall_s"}. It is written before the run so that a changed setting is caught on the next invocation.
+    ablation.json = {"config": the resolved config (but out_dir, resume and the tracking keys, which change where
+    the numbers go, not what they are), "result": the script's return value (null while running), "wall_s"}.
+    It is written before the run so that a changed setting is caught on the next invocation.
     An interrupted run continues from its last checkpoint (train.py and finetune.py check it is the same model
     and run). wall_s adds up every invocation that worked on the run: what it cost, including the steps redone
     after the last checkpoint."""
     state_path = os.path.join(run_dir, "ablation.json")
-    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume")}
+    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume", *TRACKING_KEYS)}
     spent = 0.0  # seconds earlier, interrupted invocations spent on this run
     if os.path.exists(state_path):
         with open(state_path) as f:
@@ -615,8 +621,8 @@ def paired_cells(d: Paired, fmt: str = "+.3f") -> list[str]:
 
 def verdict(d: Paired) -> str:
     """For a difference the write-up says is negative (better - worse)."""
-    if d.low is None:
-        return "reproduced with one seed (no test)" if d.mean < 0 else "reversed with one seed (no test)"
+    if d.low is None:  # the sign of one difference is as likely noise as not (README: seed 0 alone misled)
+        return "one seed: no statistics"
     if d.significant:
         return "**reproduced** (significant)" if d.mean < 0 else "**reversed** (significant)"
     return ("same direction, not significant" if d.mean < 0 else "reversed, not significant") + \
@@ -754,6 +760,25 @@ def planned_steps(config: dict) -> int:
 
 
 def print_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace) -> None:
+    """The runs and their cost: at the full scale GPU hours from FLOPs (an assumed MFU); at the CPU scale CPU
+    time from a few training steps measured here, and the wall time of the last run in --out where there is one.
+    Reads the bundled sample's prepared documents (for real batch shapes); prepares and trains nothing."""
+    try:  # the documents the plan measures on (and, at the CPU scale, the fine-tuning pairs it counts)
+        for name in ("sample", "sample_instruct") if args.scale == "cpu" else ("sample",):
+            prepare.load_meta(os.path.join("data", name))
+        if args.scale == "cpu":
+            print_cpu_plan(runs, args)
+        else:
+            print_gpu_plan(runs, args)
+    except ValueError as e:  # data/sample not prepared: the plan measures on its documents
+        raise SystemExit(f"--plan: {e}") from None
+    for name, (argv, _) in runs.items():
+        print(f"python train.py {' '.join(map(shown, argv))}")
+    if len(args.seeds) > 1:
+        print(f"(and the same with --seed=... --out_dir=... for the seeds {', '.join(map(str, args.seeds[1:]))})")
+
+
+def print_gpu_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace) -> None:
     hours = " | ".join(f"{gpu} h" for gpu, _ in GPUS)
     print(f"{args.scale} scale, into {args.out}. Cost ESTIMATED from FLOPs at an assumed {ASSUMED_MFU:.0%} MFU "
           f"(bf16 dense peaks: {', '.join(f'{g} {p / 1e12:.0f} TFLOP/s' for g, p in GPUS)}), not measured:\n")
@@ -769,11 +794,7 @@ def print_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace
         print(f"| pre-train {name} | {params / 1e6:.1f}M ({active / 1e6:.1f}M) | {steps:,} x {config['batch_size']} "
               f"| {flops:.2e} | {cost} |")
     # fine-tuning: the baseline and the best upgrade, known only after pre-training: the seed's (RoPE + GQA) here
-    baseline = args.variants[0].name
-    for name in [baseline] + (["rot5_base_gqa"] if "rot5_base_gqa" in runs and baseline != "rot5_base_gqa" else []):
-        _, ft = finetune_args(name, args.scale, args.out, runs[name][1], args.seeds[0])
-        n_pairs = ft["train_pairs"] or len(prepare.load_pairs(os.path.join("data", "sample_instruct"), "train"))
-        steps = max(1, math.ceil(ft["epochs"] * n_pairs / ft["batch_size"]))
+    for name, ft, steps in planned_finetunes(runs, args):
         flops = steps * ft["batch_size"] * flops_per_pair(runs[name][1], ft)
         total += flops
         cost = " | ".join(f"{flops / (peak * ASSUMED_MFU) / 3600:.2f}" for _, peak in GPUS)
@@ -784,10 +805,125 @@ def print_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace
     cost = " | ".join(f"{n * total / (peak * ASSUMED_MFU) / 3600:.1f}" for _, peak in GPUS)
     print(f"| total: {n} seed(s) ({', '.join(map(str, args.seeds))}) | | | {n * total:.2e} | {cost} |")
     print("\nEvaluation (validation losses, greedy generation for ROUGE-L) is not included.")
-    for name, (argv, _) in runs.items():
-        print(f"python train.py {' '.join(map(shown, argv))}")
-    if n > 1:
-        print(f"(and the same with --seed=... --out_dir=... for the seeds {', '.join(map(str, args.seeds[1:]))})")
+
+
+def planned_finetunes(runs: dict, args: argparse.Namespace) -> list[tuple[str, dict, int]]:
+    """(variant, finetune.py config, steps) of the fine-tunings: the baseline and, standing in for the best
+    upgrade that only pre-training decides, the write-up's (RoPE + GQA) when it is among the variants."""
+    baseline = args.variants[0].name
+    planned = []
+    for name in [baseline] + (["rot5_base_gqa"] if "rot5_base_gqa" in runs and baseline != "rot5_base_gqa" else []):
+        _, ft = finetune_args(name, args.scale, args.out, runs[name][1], args.seeds[0])
+        n_pairs = ft["train_pairs"] or len(prepare.load_pairs(os.path.join("data", "sample_instruct"), "train"))
+        planned.append((name, ft, max(1, math.ceil(ft["epochs"] * n_pairs / ft["batch_size"]))))
+    return planned
+
+
+def print_cpu_plan(runs: dict[str, tuple[list[str], dict]], args: argparse.Namespace) -> None:
+    """CPU time per pre-training: PLAN_STEPS training steps of the variant timed here on real UL2 batches of the
+    bundled sample (after one warm-up step), times its steps; evaluation from one timed evaluation forward,
+    times the validation batches the run evaluates. Beside it, the last run's measured wall time (ablation.json)."""
+    print(f"cpu scale, into {args.out}, on {cpu_name()} ({torch.get_num_threads()} threads). CPU time ESTIMATED "
+          f"from {PLAN_STEPS} training steps and one evaluation batch per variant, timed now (a busy machine "
+          "times slower):\n")
+    print("| run | params (active) | steps x batch | s / step | training | evaluation | estimate | last run "
+          "(measured) |")
+    print("|---|---|---|---|---|---|---|---|")
+    total, measured = 0.0, []
+    for name, (argv, config) in runs.items():
+        steps = planned_steps(config)
+        per_step, per_eval_batch = time_steps(config)
+        evaluation = per_eval_batch * evaluated_batches(config, steps)
+        total += steps * per_step + evaluation
+        params, active = param_counts(config)
+        last = last_wall(args.out, args.seeds[0], name)
+        measured.append(last)
+        print(f"| pre-train {name} | {params / 1e6:.1f}M ({active / 1e6:.1f}M) | {steps:,} x {config['batch_size']} | "
+              f"{per_step:.2f} | {minutes(steps * per_step)} | {minutes(evaluation)} | "
+              f"{minutes(steps * per_step + evaluation)} | {minutes(last) if last else '-'} |")
+    for name, ft, steps in planned_finetunes(runs, args):
+        last = last_wall(args.out, args.seeds[0], f"{name}_summary")
+        measured.append(last)
+        print(f"| fine-tune {name} | | {steps:,} x {ft['batch_size']} | | | | not estimated | "
+              f"{minutes(last) if last else '-'} |")
+    n = len(args.seeds)
+    last = f"{minutes(sum(measured))} for seed {args.seeds[0]}" if all(measured) else "-"
+    print(f"| one seed: pre-training | | | | | | {minutes(total)} | {last} |")
+    print(f"| total: {n} seed(s) ({', '.join(map(str, args.seeds))}) | | | | | | {minutes(n * total)} | |")
+    print("\nThe fine-tunings (2 pairs at this scale) are not estimated; 'last run' is the wall time the run in --out "
+          "took (ablation.json), where there is one.")
+
+
+PLAN_STEPS = 2        # timed training steps per variant for the CPU estimate (after one warm-up step)
+
+
+def time_steps(config: dict) -> tuple[float, float]:
+    """(seconds per optimizer step, seconds per evaluation batch) of config's model on this CPU: PLAN_STEPS
+    training steps (forward, backward and AdamW over batch_size documents of the bundled sample, as train.py
+    with one process) after a warm-up one, and one forward of an evaluation batch of validation documents."""
+    docs = prepare.load_documents(os.path.join("data", "sample"), "train")
+    val = prepare.load_documents(os.path.join("data", "sample"), "val")
+    tok = prepare.load_tokenizer(os.path.join("data", "sample"))
+    batches = UL2Batches(docs, tok, config["mixture"], config["encoder_len"], config["decoder_len"],
+                         config["micro_batch_size"], seed=config["seed"], pack=config["pack"])
+    model_cfg = ROT5Config(**{f.name: config[f.name] for f in fields(ROT5Config)})
+    torch.manual_seed(config["seed"])
+    model = ROT5(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=True)
+    dtype = train.resolve_dtype(config["dtype"], torch.device("cpu"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    accum = config["batch_size"] // config["micro_batch_size"]
+    times = []
+    for step in range(PLAN_STEPS + 1):
+        t0 = time.perf_counter()
+        for micro in range(accum):
+            with autocast:
+                out = model(batches.batch(step * accum + micro))
+            (out.loss + out.aux_loss + out.z_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    val_batches = UL2Batches(val, tok, config["mixture"], config["encoder_len"], config["decoder_len"],
+                             config["eval_batch_size"], seed=train.EVAL_SEED, pack=True)
+    batch = next(iter(val_batches.eval_batches(config["eval_batch_size"])))
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast:
+        model(batch)
+    return statistics.fmean(times[1:]), time.perf_counter() - t0
+
+
+def evaluated_batches(config: dict, steps: int) -> int:
+    """Evaluation forwards of a run (train.py): at step 0, every eval_interval steps and the last, eval_docs
+    validation documents each; at the end the whole validation split; each once for the UL2 losses and once
+    for the continuation loss."""
+    n_val = prepare.load_meta(os.path.join("data", config["dataset"]))["splits"]["val"]["documents"]
+    evaluations = 1 + steps // config["eval_interval"] + (steps % config["eval_interval"] > 0)
+    per_eval = math.ceil(min(config["eval_docs"], n_val) / config["eval_batch_size"])
+    return 2 * (evaluations * per_eval + math.ceil(n_val / config["eval_batch_size"]))
+
+
+def last_wall(out: str, seed: int, name: str) -> float | None:
+    """The wall time the finished run out/seed<seed>/<name> took (its ablation.json), or None."""
+    try:
+        with open(os.path.join(variant_dir(out, seed, name), "ablation.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state.get("wall_s") if state.get("result") is not None else None
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as lscpu prints it), for a timing to say where it was measured."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "an unknown CPU"
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -18,10 +18,13 @@ opening a checkpoint never runs code from it.
 Export, for the Hugging Face hub and every other safetensors loader:
     python checkpoint.py export --ckpt out/rot5_mini/ckpt.pt --out export/rot5_mini        # any ROT5 model
     python checkpoint.py export --ckpt out/t5_base/ckpt.pt --out export/t5_base_hf --hf    # the T5 baseline
-The first writes model.safetensors (the weights) and config.json (model_type "rot5": the checkpoint's other
-keys but the optimizer and the RNG states); load_model (so sample.py and finetune.py) reads the directory as it
-reads the checkpoint. --hf writes a T5ForConditionalGeneration.save_pretrained directory (hf_t5.to_hf_t5; with
-T5's spiece.model when the model uses T5's tokenizer). A directory is written under a temporary name and
+The first writes model.safetensors (the weights), config.json (model_type "rot5": the checkpoint's other
+keys but the optimizer and the RNG states), the tokenizer's model file (tokenizer.model, or T5's spiece.model;
+pinned by its sha256 in config.json) and README.md, a model card (shape, data, training tokens, the last
+losses); load_model (so sample.py and finetune.py) reads the directory as it reads the checkpoint, with the
+tokenizer file it carries, so the directory needs nothing else on another machine. --hf writes a
+T5ForConditionalGeneration.save_pretrained directory (hf_t5.to_hf_t5; with T5's spiece.model when the model
+uses T5's tokenizer). A directory is written under a temporary name and
 renamed into place when complete; an existing one is never written into.
 
 load_model also reads Hugging Face T5 / T5 v1.1 / FLAN-T5 models: "hf:HUB_ID" (downloaded with huggingface_hub
@@ -122,7 +125,8 @@ def load_model(path: str, device: str | torch.device = "cpu"):
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"{path}: the weights do not fit its model_config ({first_line(e)[:300]})") from None
     try:
-        tok = get_tokenizer(ckpt["tokenizer"])
+        tok = export_tokenizer(path, ckpt) if os.path.isdir(path) and ckpt.get("tokenizer_file") else \
+            get_tokenizer(ckpt["tokenizer"])
     except ValueError as e:  # T5's tokenizer comes from the hub or a directory that may be gone
         raise SystemExit(f"{path}: {first_line(e)}") from None
     if tok.vocab_size != cfg.vocab_size:
@@ -154,9 +158,78 @@ def export(ckpt_path: str, out: str, hf: bool = False) -> None:
             with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
                 f.write(save(model.state_dict(), metadata={"format": "pt"}))
             config = {"model_type": "rot5", **{k: ckpt.get(k) for k in EXPORT_KEYS},
-                      "model_config": dataclasses.asdict(model.cfg), "tokenizer": tok.name}
+                      "model_config": dataclasses.asdict(model.cfg), "tokenizer": tok.name,
+                      **copy_tokenizer(tok, tmp)}
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(ckpt, model, tok, ckpt_path, out, hf))
+
+
+# where an export keeps its tokenizer's model file, by kind of tokenizer (T5's: the name HF's T5Tokenizer reads)
+TOKENIZER_FILES = {"mistral": "tokenizer.model", "t5": "spiece.model"}
+
+
+def copy_tokenizer(tok, directory: str) -> dict:
+    """Copy the tokenizer's model file into an export directory, so that it loads on a machine without the
+    package or the hub that provided it; returns the config.json keys that name it and pin it (sha256). A gpt2
+    tokenizer is tiktoken's BPE table, which tiktoken downloads once on every machine: nothing to copy."""
+    from prepare import sha256_file
+
+    name = TOKENIZER_FILES.get(tok.name.split(":")[0])
+    if name is None:
+        return {}
+    shutil.copy(tok.model_file, os.path.join(directory, name))
+    return {"tokenizer_file": name, "tokenizer_sha256": sha256_file(tok.model_file)}
+
+
+def export_tokenizer(directory: str, config: dict):
+    """The tokenizer an export directory carries (copy_tokenizer): its own model file, checked against the
+    sha256 recorded beside it."""
+    from prepare import sha256_file
+    from tokenizer import Tokenizer
+
+    path = os.path.join(directory, config["tokenizer_file"])
+    if not os.path.isfile(path) or sha256_file(path) != config.get("tokenizer_sha256"):
+        raise SystemExit(f"{path} is {'missing' if not os.path.isfile(path) else 'not the file the export wrote'} "
+                         "(its sha256 differs from config.json's): export the model again")
+    return Tokenizer(config["tokenizer"], model_file=path)
+
+
+def model_card(ckpt: dict, model, tok, source: str, out: str, hf: bool) -> str:
+    """README.md of an export: what the model is, what it was trained on and how far, its last losses (the
+    checkpoint's metrics), and how to use it. Only what the checkpoint records."""
+    config, metrics, cfg = ckpt.get("config") or {}, ckpt.get("metrics") or {}, model.cfg
+    what = {"pretrain": "pre-trained with UL2 by train.py", "finetune": "fine-tuned for summarization by finetune.py",
+            "hf-t5": "a Hugging Face T5"}.get(ckpt.get("kind"), ckpt.get("kind", "?"))
+    attention = f"{cfg.n_heads} heads x {cfg.head_dim}" + (f", {cfg.n_kv_heads} K/V heads (GQA)"
+                                                          if cfg.n_kv_heads < cfg.n_heads else "")
+    rows = [("model", f"ROT5 encoder-decoder, {what}; {model.num_params():,} parameters "
+                      f"({model.num_params(exclude_embeddings=True):,} without the embedding)"),
+            ("shape", f"d_model {cfg.d_model}, {attention}, d_ff {cfg.d_ff} ({cfg.ffn}), {cfg.n_encoder_layers} + "
+                      f"{cfg.n_decoder_layers} layers, position {cfg.position}"
+                      + (f", {cfg.n_experts} experts (Switch MoE, top-{cfg.moe_top_k})" if cfg.n_experts else "")),
+            ("tokenizer", f"{tok.name}, {tok.vocab_size:,} ids"),
+            ("data", ", ".join(f"{k} {config[k]}" for k in ("dataset", "mixture", "encoder_len", "decoder_len")
+                               if k in config) or "not recorded"),
+            ("training", f"{ckpt.get('step', '?')} steps" + (f", {metrics['tokens']:,} training tokens"
+                                                              if isinstance(metrics.get("tokens"), int) else "")
+             + "".join(f", {k} {config[k]}" for k in ("batch_size", "learning_rate", "epochs") if k in config))]
+    losses = [(k, f"{v:.4f}") for k, v in metrics.items()
+              if isinstance(v, float) and ("loss" in k or "rouge" in k.lower())]
+    lines = [f"# {os.path.basename(os.path.normpath(out))}", "",
+             f"Exported by `python checkpoint.py export{' --hf' if hf else ''}` from `{source}`.", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    if losses:
+        lines += ["", "At the last evaluation (losses in nats per target token; `full_` ones on the whole validation "
+                  "split, the others on the run's evaluation subset" + ("; ROUGE-L x 100" if "rougeL" in metrics else "")
+                  + "):", "",
+                  "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in losses)]
+    lines += ["", "Use:", "", "```bash",
+              f"python sample.py --ckpt {out} --prompt \"Once upon a time\""
+              + ("   # or transformers.T5ForConditionalGeneration.from_pretrained" if hf else ""),
+              "```", "", "config.json holds every model setting and the run's config."]
+    return "\n".join(lines) + "\n"
 
 
 @contextmanager
@@ -293,7 +366,7 @@ def resume_hint(ckpt_path: str) -> str:
 
 
 # the files a run writes in its out_dir with diskio.atomic_write: their temp files are the run's own
-RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl"]
+RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl", "curves.png"]
 
 
 def remove_run_temps(out_dir: str, say: Callable[[str], None] = print) -> None:
@@ -340,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                                                       "(position='t5', multi-head, dense models only)")
     a = ap.parse_args(argv)
     export(a.ckpt, a.out, a.hf)
-    print(f"wrote {a.out}" + (" (Hugging Face T5ForConditionalGeneration)" if a.hf else " (model.safetensors, config.json)"))
+    print(f"wrote {a.out}" + (" (Hugging Face T5ForConditionalGeneration, README.md)" if a.hf else
+                              f" ({', '.join(sorted(os.listdir(a.out)))})"))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,18 @@ then each "--key=value" overrides one key, wherever it stands on the command lin
 have a default (a typo is an error that lists the valid keys, not a silently ignored setting), and every
 value must have the default's type, so `--epochs=two` or `--batch_size=0.5` fail at start-up instead of hours
 into a run. `check_ranges` then rejects values of the right type but out of range (`--log_interval=0`).
+`--help` (help_text) lists every key with its value and its line, read off the defaults' source (documented_keys).
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import io
 import os
+import textwrap
+import tokenize
 import types
+from typing import NamedTuple
 
 
 def configure(defaults: dict, argv: list[str]) -> dict:
@@ -82,3 +87,85 @@ def _checked(key: str, value, default, source: str):
         raise SystemExit(f"config key {key} must be {type(default).__name__} like its default {default!r}, "
                          f"got {value!r} ({type(value).__name__}) from {source}")
     return value
+
+
+# -- --help: every key, its default and its line, read off the defaults' own source ---------------------------
+
+GROUPS = ("data", "model", "optimization", "schedule", "system")  # the order --help lists them in
+
+
+class Key(NamedTuple):
+    name: str
+    group: str    # one of GROUPS
+    title: str    # the group's comment line ("optimization: AdamW with ...")
+    help: str     # the key's trailing comment (and the comment lines under it)
+
+
+def documented_keys(path: str, names, scope: str | None = None, group: str = "") -> list[Key]:
+    """The keys `names` as the source file `path` defines them, in its order: each key's help is the comment
+    at the end of its line plus any comment-only lines under it indented past the key; its group is the last
+    comment-only line at the key's own indentation above it ("# data", "# optimization: ..."), or `group`.
+    Where: module-level assignments (scope None), the fields of the class `scope`, or the keyword arguments of
+    the call assigned to `scope` (DEFAULTS = dict(...)).
+    One place, the defaults themselves, so --help cannot drift from them."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    code_lines = {i + 1 for i, line in enumerate(source.splitlines()) if line.strip() and not line.lstrip().startswith("#")}
+    found: dict[str, tuple[int, int]] = {}  # name -> (line, column)
+    for node in ast.parse(source).body:
+        if scope is None and isinstance(node, ast.Assign):
+            found.update({t.id: (node.lineno, node.col_offset) for t in node.targets if isinstance(t, ast.Name)
+                          and t.id in names and t.id not in found})
+        elif isinstance(node, ast.ClassDef) and node.name == scope:
+            found.update({n.target.id: (n.lineno, n.col_offset) for n in node.body
+                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id in names})
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call) and \
+                any(isinstance(t, ast.Name) and t.id == scope for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+            found.update({k.arg: (k.lineno, k.col_offset) for k in node.value.keywords if k.arg in names})
+    keys, previous, title = [], 0, group
+    for name, (line, column) in sorted(found.items(), key=lambda item: item[1]):
+        for at in range(previous + 1, line):  # a group comment between the last key and this one
+            if at in comments and at not in code_lines and comments[at][0] == column:
+                title = comments[at][1]
+        text, at = [comments[line][1]] if line in comments and comments[line][0] > column else [], line + 1
+        while at in comments and at not in code_lines and comments[at][0] > column:
+            text.append(comments[at][1])
+            at += 1
+        previous = at - 1
+        keys.append(Key(name, title.split(":")[0].strip().split()[0] if title else "", title,
+                        " ".join(text)))
+    return keys
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def help_text(usage: str, about: str, keys: list[Key], defaults: dict, argv: list[str]) -> str:
+    """--help: usage, then every key as --key=value (its value after the config files and overrides in argv)
+    with its line, grouped in GROUPS order."""
+    given = [a for a in argv if not wants_help([a])]
+    config = configure(defaults, given)
+    lines = [usage, "", about, "",
+             "Config files (plain Python assignments) are read in order, then --key=value overrides, wherever they "
+             "stand; a value must have its default's type.",
+             f"Values shown: the defaults{', then ' + ' '.join(given) if given else ''}."]
+    width = min(40, max(len(_shown(k.name, config[k.name])) for k in keys))
+    for group in GROUPS:
+        members = [k for k in keys if k.group == group]
+        titles = list(dict.fromkeys(k.title for k in members))
+        if not members:
+            continue
+        lines += ["", "; ".join(titles) + ":"]
+        for k in members:
+            lines.append(textwrap.fill(k.help, 118, initial_indent=f"  {_shown(k.name, config[k.name]):<{width}}  ",
+                                       subsequent_indent=" " * (width + 4)))
+    return "\n".join(lines)
+
+
+def _shown(name: str, value) -> str:
+    """--key=value as one would type it: strings bare unless they need quotes."""
+    text = value if isinstance(value, str) and value and not any(c.isspace() for c in value) else repr(value)
+    return f"--{name}={text}"

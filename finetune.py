@@ -36,8 +36,9 @@ free text generated left to right, with no sentinels, so [S]. The short T5-style
 the same checkpoint can still be asked (by sample.py) to continue a story, and other tasks can be added later.
 
 Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
-metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
-and predictions.jsonl (story, reference, prediction of the last evaluation). A new run refuses an out_dir
+metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL),
+predictions.jsonl (story, reference, prediction of the last evaluation) and curves.png (plot.py, redrawn at
+every evaluation; wandb_log / tensorboard_log send the events to those trackers too). A new run refuses an out_dir
 that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
 uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
 the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
@@ -71,40 +72,51 @@ from rouge_score import rouge_scorer
 import prepare
 from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
                         resume_run, save_checkpoint)
-from configurator import check_ranges, configure
-from generate import generate, pad_prompts
 from batch import Batch, check_batch
+from configurator import check_ranges, configure, documented_keys, help_text, wants_help
+from generate import generate, pad_prompts
+from plot import Tracker, check_trackers
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples
 
 # -----------------------------------------------------------------------------
-# defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them
+# defaults: the seed's summarization fine-tuning of ROT5-mini; a config file / --key=value override them.
+# `python finetune.py --help` lists these keys under the group comments below, each with its trailing comment.
 DEFAULTS: dict = dict(
-    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
-    out_dir="out/rot5_mini_summary",
+    # data
     dataset="tinystories_instruct",     # data/<dataset>/ from `python prepare.py <dataset>`
     train_pairs=1_000_000,              # use the first N training pairs (the seed: 1M); 0 = all
-    epochs=1.0,
-    batch_size=32,                      # pairs per optimizer step
-    micro_batch_size=32,                # pairs per forward; gradient accumulation = batch_size / micro_batch_size
-    learning_rate=1e-4,
-    weight_decay=0.01,
-    warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
-    grad_clip=1.0,                      # max global gradient norm (0: no clipping)
-    max_bad_steps=5,                    # stop after this many non-finite steps in a row (each one is skipped)
-    dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     encoder_len=512,                    # longer stories are cut (and counted)
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
     pack=True,                          # several pairs per training row (ul2.pack_examples): no compute on padding
+    # model
+    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
+    dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
+    # optimization: AdamW (betas 0.9, 0.999), as pre-training
+    batch_size=32,                      # pairs per optimizer step
+    micro_batch_size=32,                # pairs per forward; gradient accumulation = batch_size / micro_batch_size
+    learning_rate=1e-4,                 # peak learning rate
+    weight_decay=0.01,                  # on matrices only (train.param_groups)
+    grad_clip=1.0,                      # max global gradient norm (0: no clipping)
+    max_bad_steps=5,                    # stop after this many non-finite steps in a row (each one is skipped)
+    # schedule: the budget, the learning rate, logging and evaluation
+    epochs=1.0,                         # passes over the training pairs (fractional is fine)
+    warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
+    log_interval=50,                    # steps between "train" events
     eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
     eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
-    eval_batch_size=64,
+    eval_batch_size=64,                 # pairs per evaluation forward and generation
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
-    log_interval=50,
-    seed=1337,
+    # system
+    out_dir="out/rot5_mini_summary",    # the run's directory: ckpt.pt, metrics.jsonl, predictions.jsonl, curves.png
+    seed=1337,                          # the pairs' order and dropout
     resume=False,                       # continue out_dir/ckpt.pt (written at every evaluation)
     device="auto",                      # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N"
+    wandb_log=False,                    # send the metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline: on disk)
+    wandb_project="rot5",               # its W&B project
+    wandb_run_name="",                  # its W&B run name ("": W&B picks one)
+    tensorboard_log=False,              # write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 )
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
 RUN_KEYS = ("init_from", "dataset", "train_pairs", "epochs", "batch_size", "learning_rate", "warmup_frac",
@@ -114,11 +126,18 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 
 
 def main(argv: list[str]) -> dict:
+    if wants_help(argv):
+        print(help_text("usage: python finetune.py [CONFIG_FILE ...] [--key=value ...]",
+                        "Fine-tune a ROT5 checkpoint (or an HF T5) on story -> summary pairs and score it with ROUGE-L "
+                        "(the top of finetune.py has the details).",
+                        documented_keys(__file__, DEFAULTS, scope="DEFAULTS"), DEFAULTS, argv))
+        return {}
     cfg = configure(DEFAULTS, argv)
     check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
                                 "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
                                 "max_bad_steps"),
                  non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
+    check_trackers(cfg)
     if cfg["decoder_len"] < 2:  # 1 would train the model to answer every story with eos alone
         raise SystemExit(f"--decoder_len={cfg['decoder_len']} leaves no room for a summary before the eos: it must be >= 2")
     device = resolve_device(cfg["device"])
@@ -182,6 +201,7 @@ def main(argv: list[str]) -> dict:
         truncated = last_eval["train_truncated"]
         print(f"resuming {ckpt_path} at step {start_step}")
     restart_log(metrics_path, start_step if cfg["resume"] else None)
+    tracker = Tracker(cfg, metrics_path)  # curves.png, W&B, TensorBoard (plot.py)
     bad_in_a_row = 0  # non-finite steps in a row
     since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
     positions = [0, 0, 0, 0]  # encoder real tokens, encoder positions, decoder likewise, since the last log
@@ -195,6 +215,7 @@ def main(argv: list[str]) -> dict:
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
             log_event(metrics_path, last_eval)
+            tracker.log(last_eval)
             write_predictions(os.path.join(cfg["out_dir"], "predictions.jsonl"), rows)
             print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
@@ -251,10 +272,12 @@ def main(argv: list[str]) -> dict:
                      "train_truncated": truncated, "enc_real": positions[0] / positions[1],
                      "dec_real": positions[2] / positions[3]}
             log_event(metrics_path, event)
+            tracker.log(event)
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
                   f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec")
             since_log, t_log, positions = dict.fromkeys(since_log, 0.0), time.perf_counter(), [0, 0, 0, 0]
 
+    tracker.close()
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
           f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "
           f"wrote {cfg['out_dir']}/ckpt.pt, metrics.jsonl, predictions.jsonl")

@@ -57,31 +57,31 @@ from batch import Batch, read_segments
 
 @dataclass
 class ROT5Config:
-    vocab_size: int = 32256
-    d_model: int = 768
+    vocab_size: int = 32256      # ids the model embeds: the tokenizer's vocab_size (prepare.py's meta.json)
+    d_model: int = 768           # width of the residual stream
     n_heads: int = 12            # query heads
-    head_dim: int = 64
+    head_dim: int = 64           # width of one attention head
     n_kv_heads: int = 12         # == n_heads: multi-head; < n_heads (divides it): grouped-query attention
-    d_ff: int = 3072
-    n_encoder_layers: int = 12
-    n_decoder_layers: int = 12
+    d_ff: int = 3072             # hidden width of the feed-forward layers (of each expert, for MoE)
+    n_encoder_layers: int = 12   # encoder blocks
+    n_decoder_layers: int = 12   # decoder blocks
     position: str = "t5"         # "t5": learned bucketed relative bias | "rope"
     ffn: str = "relu"            # "relu" (T5 v1.0) | "gated-gelu" (T5 v1.1)
     tie_embeddings: bool = True  # v1.0: shared in/out embedding, decoder output scaled by d_model**-0.5
     n_experts: int = 0           # 0: dense FFN; > 0: Switch MoE FFN in every other layer (Switch Transformer)
-    moe_top_k: int = 1
+    moe_top_k: int = 1           # experts each token is routed to (MoE)
     aux_loss_coef: float = 1e-2  # Switch eq. 4; 0 turns it off
     z_loss_coef: float = 1e-3    # ST-MoE router z-loss; 0 turns it off
-    dropout: float = 0.1         # embeddings, FFN hidden, sublayer outputs, final norms
-    attention_dropout: float = 0.0  # attention probabilities: HF T5 drops them at dropout_rate (from_hf_t5
-                                 # keeps that); 0 lets compiled CUDA runs take FlexAttention, which cannot
+    dropout: float = 0.1         # embeddings, FFN hidden, sublayer outputs, final norms (T5: 0.1)
+    attention_dropout: float = 0.0  # attention probabilities (HF T5: at dropout_rate, which from_hf_t5 keeps);
+                                 # 0 lets compiled CUDA runs use FlexAttention, which cannot drop them
     attention: str = "auto"      # kernel: "sdpa" | "flex" | "auto" (flex when compiled on CUDA: use_flex)
-    rope_theta: float = 10000.0
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE's base (position = "rope")
+    relative_attention_num_buckets: int = 32     # T5's relative-position buckets (position = "t5")
+    relative_attention_max_distance: int = 128   # distance from which T5's buckets are shared (position = "t5")
+    norm_eps: float = 1e-6       # RMSNorm's epsilon
     pad_token_id: int = 32000    # decoder start token too (T5)
-    eos_token_id: int = 2
+    eos_token_id: int = 2        # end-of-sequence id: the tokenizer's
 
     def __post_init__(self):
         kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}

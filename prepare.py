@@ -1,4 +1,4 @@
-"""TinyStories text -> token arrays on disk, and the readers every other script uses.
+"""Text -> token arrays on disk (TinyStories, or any corpus), and the readers every other script uses.
 
 The big idea: a split is ONE flat array of uint16 token ids with an eos after every document, plus an
 index of where each document starts. Training code memory-maps the array and slices documents out of it
@@ -34,8 +34,18 @@ Usage:
     options: --out-dir DIR (default data/<dataset>), --workers N (default: all cores),
              --tokenizer mistral|gpt2|t5:HUB_ID_OR_DIR (T5's own, to fine-tune an HF T5 / FLAN-T5 with finetune.py)
 
+  Any corpus (prepare_corpus; then `python train.py --dataset=NAME` reads data/NAME):
+    python prepare.py text my_corpus.txt --out-dir data/mine       # one document per line
+    python prepare.py text notes.txt --sample-by paragraph         # documents separated by blank lines
+    python prepare.py text a.txt b.txt --sample-by document        # one document per file (also: eot)
+    python prepare.py jsonl corpus.jsonl --text-field content --val valid.jsonl
+    python prepare.py parquet train-*.parquet --text-field text
+    python prepare.py hf:roneneldan/TinyStories --text-field text  # streamed from the hub (pip install datasets)
+    validation: --val FILE (repeatable) / --val-split NAME (hf; by default its "validation" split if it has
+    one), else --val-fraction F of the documents (default HELD_OUT) held out, drawn per document with --seed.
+
 Details
-- Input format: records separated by `<|endoftext|>` lines (the TinyStories .txt files). Each record is
+- Input format (presets): records separated by `<|endoftext|>` lines (the TinyStories .txt files). Each record is
   stripped of surrounding whitespace; empty records are skipped and counted. Bytes that are not UTF-8 are
   decoded as U+FFFD and counted ("bad bytes"), never dropped silently.
 - Instruct records are fields "Summary:", "Story:", "Features:", "Words:", "Random sentence:" at line
@@ -52,6 +62,12 @@ Details
   which downloads its BPE file once into TIKTOKEN_CACHE_DIR and then works offline; `--tokenizer
   t5:google/flan-t5-base` is T5's spiece.model, from the hub like the data, or from a local directory). Ids are stored as
   uint16, so a vocabulary over 65,536 ids is refused before anything is written.
+- Any corpus is read as a stream too (text and JSON Lines in CHUNK_BYTES reads, Parquet PARQUET_ROWS rows at
+  a time, a hub dataset record by record through datasets' streaming mode), so it never has to fit in memory;
+  the parent process cuts documents apart and the workers tokenize them. JSON Lines must be UTF-8 (JSON is);
+  a null or missing text is skipped and counted; pyarrow (Parquet) and datasets (hf:) are optional, one line
+  naming the pip install when missing. Documents longer than train.py's windows are cropped there (ul2.py).
+  The token table names the directory; only a TinyStories source is compared with the write-up's counts.
 - Speed: the file is streamed in CHUNK_BYTES blocks cut at record boundaries (never loaded whole); a
   multiprocessing Pool tokenizes blocks in parallel, each worker building its tokenizer once and encoding a
   whole block of records in one batched SentencePiece call; the parent only writes results, in file order.
@@ -68,14 +84,16 @@ from __future__ import annotations
 import argparse
 import codecs
 import hashlib
+import importlib
 import itertools
 import json
 import multiprocessing as mp
 import os
 import re
+import shlex
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import numpy as np
@@ -181,8 +199,16 @@ class Pairs(Sequence):
 
 
 def _run_hint(data_dir: str) -> str:
+    """The command that (re)builds data_dir: a preset's, or the one its meta.json recorded (prepare_corpus)."""
     name = os.path.basename(os.path.normpath(data_dir))
-    return f"python prepare.py {name}" if name in DATASETS else f"python prepare.py DATASET --out-dir {data_dir}"
+    if name in DATASETS:
+        return f"python prepare.py {name}"
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            command = json.load(f).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    return command if isinstance(command, str) else f"python prepare.py DATASET --out-dir {data_dir}"
 
 
 def load_meta(data_dir: str) -> dict:
@@ -443,18 +469,32 @@ def tokenize_chunk(chunk: bytes, tok: Tokenizer, instruct: bool = False) -> Chun
     if too_long is not None:
         raise ValueError(f"record of {len(too_long.encode()):,} bytes (starts {too_long[:40]!r}); "
                          "is this a TinyStories file? (records are separated by lines `<|endoftext|>`)")
+    return _encode(docs, len(chunk), skipped, bad, tok, instruct)
+
+
+def tokenize_records(records: list[str | bytes | None], tok: Tokenizer) -> Chunk:
+    """Tokenize a block of documents a corpus reader split apart (read_corpus): str, bytes (decoded here, bytes
+    that are not UTF-8 counted as for TinyStories files) or None (a missing value). Each is stripped; empty
+    ones are skipped and counted."""
+    _bad_bytes[0] = 0
+    texts = [r.decode("utf-8", errors="prepare_count") if isinstance(r, bytes) else r or "" for r in records]
+    docs = [t for t in (t.strip() for t in texts) if t]
+    return _encode(docs, sum(map(len, texts)), len(texts) - len(docs), _bad_bytes[0], tok, False)
+
+
+def _encode(docs: list[str], n_bytes: int, skipped: int, bad: int, tok: Tokenizer, instruct: bool) -> Chunk:
     pairs, pairs_skipped, texts = None, 0, docs
     if instruct:
         fields = [parse_instruct(d) for d in docs]
         keep = [f for f in fields if f.get("Story") and f.get("Summary")]
         pairs_skipped = len(fields) - len(keep)
         texts = docs + [f["Story"] for f in keep] + [f["Summary"] for f in keep]
-    ids = tok.encode(texts)  # one batched call: the fast path of SentencePiece
+    ids = tok.encode(texts) if texts else []  # one batched call: the fast path of SentencePiece
     tokens, lengths = _pack(ids[:len(docs)], tok.eos_id)
     if instruct:
         n = (len(ids) - len(docs)) // 2
         pairs = (*_pack(ids[len(docs):len(docs) + n], tok.eos_id), *_pack(ids[len(docs) + n:], tok.eos_id))
-    return Chunk(len(chunk), tokens, lengths, skipped, bad, pairs, pairs_skipped)
+    return Chunk(n_bytes, tokens, lengths, skipped, bad, pairs, pairs_skipped)
 
 
 _worker_tok: Tokenizer | None = None
@@ -465,8 +505,8 @@ def _init_worker(tokenizer_name: str) -> None:
     _worker_tok = get_tokenizer(tokenizer_name)  # once per worker process, not once per chunk
 
 
-def _work(chunk: bytes, instruct: bool) -> Chunk:
-    return tokenize_chunk(chunk, _worker_tok, instruct)
+def _work(chunk: bytes | list, instruct: bool) -> Chunk:
+    return tokenize_chunk(chunk, _worker_tok, instruct) if isinstance(chunk, bytes) else tokenize_records(chunk, _worker_tok)
 
 
 def default_workers() -> int:
@@ -479,21 +519,30 @@ def tokenize_file(path: str, tok: Tokenizer, workers: int = 1, instruct: bool = 
         n_tokens = sum(len(c.tokens) for c in tokenize_file(path, tok, workers))   # includes one eos per doc
     workers > 1 tokenizes in a process Pool (tok must come from get_tokenizer: workers rebuild it by name).
     """
-    chunks = iter_chunks(path, start, stop)
+    for _, chunk in tokenize_in_order(((None, c) for c in iter_chunks(path, start, stop)), tok, workers, instruct):
+        yield chunk
+
+
+def tokenize_in_order(items: Iterator[tuple[object, bytes | list]], tok: Tokenizer, workers: int = 1,
+                      instruct: bool = False) -> Iterator[tuple[object, Chunk]]:
+    """(tag, Chunk) for each (tag, block) in order: a block is bytes of whole <|endoftext|> records (iter_chunks)
+    or a list of documents (read_corpus); the tag rides along in this process (the split a block goes to)."""
     if workers <= 1:
-        for c in chunks:
-            yield tokenize_chunk(c, tok, instruct)
+        for tag, c in items:
+            yield tag, tokenize_chunk(c, tok, instruct) if isinstance(c, bytes) else tokenize_records(c, tok)
         return
     with mp.Pool(workers, initializer=_init_worker, initargs=(tok.name,)) as pool:
         # Pool.imap would read the whole file ahead into its task queue; a bounded window keeps memory
         # flat and the results in order, while 2 tasks per worker keep every core busy.
         pending: deque = deque()
-        for c in chunks:
-            pending.append(pool.apply_async(_work, (c, instruct)))
+        for tag, c in items:
+            pending.append((tag, pool.apply_async(_work, (c, instruct))))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                tag, result = pending.popleft()
+                yield tag, result.get()
         while pending:
-            yield pending.popleft().get()
+            tag, result = pending.popleft()
+            yield tag, result.get()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,53 +568,75 @@ def _write_index(path: str, lengths: list[np.ndarray], out_dir: str) -> None:
         np.save(f, offsets)
 
 
+class SplitWriter:
+    """One split's shards, filled chunk by chunk: {split}.bin (and pairs/ for instruct data) through atomic_write
+    inside `stack`, so an error anywhere before the stack closes leaves no file behind; write_index() after it
+    closed. counts: documents, tokens, skipped (empty records), bad_bytes (and pairs)."""
+
+    def __init__(self, out_dir: str, split: str, instruct: bool, stack: ExitStack):
+        self.out_dir, self.split, self.instruct = out_dir, split, instruct
+        self.counts = {"documents": 0, "tokens": 0, "skipped": 0, "bad_bytes": 0}
+        self.pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
+        self.lengths: list[np.ndarray] = []
+        self.pair_lengths: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        self.pairs_dir = os.path.join(out_dir, "pairs")
+        then = _retry_note(out_dir)
+        self.f = stack.enter_context(atomic_write(os.path.join(out_dir, f"{split}.bin"), then=then))
+        if instruct:
+            os.makedirs(self.pairs_dir, exist_ok=True)
+            self.fs = stack.enter_context(atomic_write(os.path.join(self.pairs_dir, f"{split}_story.bin"), then=then))
+            self.fm = stack.enter_context(atomic_write(os.path.join(self.pairs_dir, f"{split}_summary.bin"), then=then))
+
+    def add(self, c: Chunk) -> None:
+        self.f.write(c.tokens.tobytes())
+        self.lengths.append(c.lengths)
+        self.counts["documents"] += len(c.lengths)
+        self.counts["tokens"] += int(c.lengths.sum())
+        self.counts["skipped"] += c.skipped
+        self.counts["bad_bytes"] += c.bad_bytes
+        if self.instruct:
+            st, sl, mt, ml = c.pairs
+            self.fs.write(st.tobytes())
+            self.fm.write(mt.tobytes())
+            self.pair_lengths[0].append(sl)
+            self.pair_lengths[1].append(ml)
+            self.pairs["pairs"] += len(sl)
+            self.pairs["story_tokens"] += int(sl.sum())
+            self.pairs["summary_tokens"] += int(ml.sum())
+            self.pairs["skipped"] += c.pairs_skipped
+
+    def check(self, source: str) -> None:
+        """Raise (inside the stack: no file is kept) if `source` gave this split nothing to write."""
+        if self.counts["documents"] == 0:
+            raise ValueError(f"{source} has no non-empty record: nothing to write for {self.split}")
+        if self.instruct and self.pairs["pairs"] == 0:
+            raise ValueError(f"{source}: none of its {self.counts['documents']} records has both a Story: and a "
+                             "Summary: field; is this a TinyStories-Instruct file?")
+
+    def write_index(self) -> dict:
+        """The index files (after the shards were committed); returns the split's counts for meta.json."""
+        _write_index(os.path.join(self.out_dir, f"{self.split}.idx.npy"), self.lengths, self.out_dir)
+        if not self.instruct:
+            return dict(self.counts)
+        _write_index(os.path.join(self.pairs_dir, f"{self.split}_story.idx.npy"), self.pair_lengths[0], self.out_dir)
+        _write_index(os.path.join(self.pairs_dir, f"{self.split}_summary.idx.npy"), self.pair_lengths[1], self.out_dir)
+        return {**self.counts, "pairs": dict(self.pairs)}
+
+
 def write_split(out_dir: str, split: str, path: str, tok: Tokenizer, workers: int, instruct: bool,
                 start: int = 0, stop: int | None = None, desc: str = "") -> dict:
     """Tokenize one split of one source file into out_dir/{split}.bin + .idx.npy (and pairs/). Returns its counts."""
     from tqdm import tqdm
 
     stop = os.path.getsize(path) if stop is None else stop
-    counts = {"documents": 0, "tokens": 0, "skipped": 0, "bad_bytes": 0}
-    lengths: list[np.ndarray] = []
-    pair_lengths: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    pairs_dir = os.path.join(out_dir, "pairs")
-    if instruct:
-        os.makedirs(pairs_dir, exist_ok=True)
-    then = _retry_note(out_dir)
-    with atomic_write(os.path.join(out_dir, f"{split}.bin"), then=then) as f, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_story.bin"), then=then) if instruct else nullcontext()) as fs, \
-            (atomic_write(os.path.join(pairs_dir, f"{split}_summary.bin"), then=then) if instruct else nullcontext()) as fm, \
-            tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
-        pairs = {"pairs": 0, "story_tokens": 0, "summary_tokens": 0, "skipped": 0}
-        for c in tokenize_file(path, tok, workers, instruct, start, stop):
-            f.write(c.tokens.tobytes())
-            lengths.append(c.lengths)
-            counts["documents"] += len(c.lengths)
-            counts["tokens"] += int(c.lengths.sum())
-            counts["skipped"] += c.skipped
-            counts["bad_bytes"] += c.bad_bytes
-            if instruct:
-                st, sl, mt, ml = c.pairs
-                fs.write(st.tobytes())
-                fm.write(mt.tobytes())
-                pair_lengths[0].append(sl)
-                pair_lengths[1].append(ml)
-                pairs["pairs"] += len(sl)
-                pairs["story_tokens"] += int(sl.sum())
-                pairs["summary_tokens"] += int(ml.sum())
-                pairs["skipped"] += c.pairs_skipped
-            bar.update(c.n_bytes)
-        if counts["documents"] == 0:  # raising here discards the temp files: no empty split on disk
-            raise ValueError(f"{path} (bytes {start}..{stop}) has no non-empty record: nothing to write for {split}")
-        if instruct and pairs["pairs"] == 0:
-            raise ValueError(f"{path}: none of its {counts['documents']} records has both a Story: and a Summary: "
-                             "field; is this a TinyStories-Instruct file?")
-    _write_index(os.path.join(out_dir, f"{split}.idx.npy"), lengths, out_dir)
-    if instruct:
-        _write_index(os.path.join(pairs_dir, f"{split}_story.idx.npy"), pair_lengths[0], out_dir)
-        _write_index(os.path.join(pairs_dir, f"{split}_summary.idx.npy"), pair_lengths[1], out_dir)
-        counts["pairs"] = pairs
-    return counts
+    with ExitStack() as stack:
+        writer = SplitWriter(out_dir, split, instruct, stack)
+        with tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc or split, disable=None) as bar:
+            for c in tokenize_file(path, tok, workers, instruct, start, stop):
+                writer.add(c)
+                bar.update(c.n_bytes)
+        writer.check(f"{path} (bytes {start}..{stop})")  # raising here discards the temp files: no empty split on disk
+    return writer.write_index()
 
 
 def sha256_file(path: str) -> str:
@@ -632,21 +703,49 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
         raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     out_dir = out_dir or os.path.join(HERE, "data", dataset)
     workers = workers or default_workers()
+    tok = _checked_tokenizer(tokenizer)
+    sources, instruct = resolve_sources(dataset, train, val)
+    for s in sources:
+        s["sha256"] = sha256_file(s["path"])  # of the whole file: sample_instruct's two splits share one
+
+    def write() -> dict:
+        counts = {}
+        # the small val split first: a malformed --val file fails in seconds, not after the train file's minutes
+        for s in sorted(sources, key=lambda s: s["split"] != "val"):
+            counts[s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
+                                             s["start"], s["stop"], desc=f"{dataset} {s['split']}")
+        return counts
+
+    reference = dataset if (dataset, "train") in SEED_COUNTS else None
+    return build(out_dir, new_meta(dataset, tok, instruct, sources, reference), write)
+
+
+def _checked_tokenizer(tokenizer: str | Tokenizer) -> Tokenizer:
     tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if tok.vocab_size > 1 << 16:  # before any work: uint16 shards would silently wrap larger ids
         raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size:,} ids but shards store uint16 "
                          f"(at most 65,536 ids): use a smaller vocabulary")
-    sources, instruct = resolve_sources(dataset, train, val)
-    for s in sources:
-        s["sha256"] = sha256_file(s["path"])  # of the whole file: sample_instruct's two splits share one
+    return tok
+
+
+def new_meta(dataset: str, tok: Tokenizer, instruct: bool, sources: list[dict], reference: str | None,
+             command: str | None = None) -> dict:
+    """meta.json before the splits are written. dataset: the name in the token table; reference: the preset
+    whose write-up counts the table prints beside ours (None: no comparison); command: how to rebuild it."""
     meta = {
         "format": FORMAT, "dataset": dataset, "tokenizer": tok.name, "tokenizer_sha256": tokenizer_sha256(tok),
         "vocab_size": tok.vocab_size, "base_vocab_size": tok.base_vocab_size, "eos_id": tok.eos_id,
         "pad_id": tok.pad_id, "mode_ids": tok.mode_ids, "sentinel_ids": [tok.sentinel_ids[0], tok.sentinel_ids[-1]],
-        "dtype": "uint16", "instruct": instruct, "sources": sources,
+        "dtype": "uint16", "instruct": instruct, "sources": sources, "reference": reference,
     }
+    return {**meta, "command": command} if command else meta
+
+
+def build(out_dir: str, meta: dict, write: Callable[[], dict]) -> dict:
+    """Everything around write() (which writes the shards and returns {split: counts}): the temp files of a
+    killed run removed, the up-to-date check, meta.json removed first and written last, the token table."""
     # a prepare.py killed mid-write left its temp files: this one owns the directory now
-    shards = shard_files(instruct)
+    shards = shard_files(meta["instruct"])
     for directory in sorted({os.path.dirname(os.path.join(out_dir, name)) for name in shards}):
         if os.path.isdir(directory):
             remove_stale_temps(directory, [os.path.basename(n) for n in shards] + ["meta.json"])
@@ -657,11 +756,7 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.unlink(meta_path)  # the old meta must not describe the half-written new shards
-    counts = {}
-    # the small val split first: a malformed --val file fails in seconds, not after the train file's minutes
-    for s in sorted(sources, key=lambda s: s["split"] != "val"):
-        counts[s["split"]] = write_split(out_dir, s["split"], s["path"], tok, workers, instruct,
-                                         s["start"], s["stop"], desc=f"{dataset} {s['split']}")
+    counts = write()
     meta["splits"] = {split: counts[split] for split in SPLITS}
     # one more read of every shard (from the page cache): readers verify damage against these (_verify)
     meta["shard_sha256"] = {name: sha256_file(os.path.join(out_dir, name)) for name in shards}
@@ -669,6 +764,307 @@ def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, 
         json.dump(meta, f, indent=1)
     print_table(meta)
     return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any corpus: plain text, JSON Lines, Parquet, a Hugging Face dataset (prepare.py text|jsonl|parquet|hf:NAME)
+
+FORMATS = ("text", "jsonl", "parquet")  # each followed by its files; hf:NAME names a hub dataset instead
+# How `prepare.py text` cuts a file into documents (--sample-by; "line" and "paragraph" as HF's text loader).
+SAMPLE_BY = {
+    "line": re.compile(rb"\n"),                          # one document per line (the default)
+    "paragraph": re.compile(rb"\n(?:[ \t\r\f\v]*\n)+"),  # separated by one or more blank lines
+    "eot": re.compile(re.escape(EOT)),                   # separated by <|endoftext|>, as the TinyStories files
+    "document": None,                                    # each file is one document
+}
+SEPARATOR_NAMES = {"line": "line break", "paragraph": "blank line", "eot": "`<|endoftext|>`"}
+HELD_OUT = 0.01         # --val-fraction when no validation data is given
+PARQUET_ROWS = 1024     # rows per Parquet read: a few hundred kB of text for story-sized documents
+
+
+class Stream(NamedTuple):
+    """Documents on their way to a split, as blocks ([document, ...], progress units)."""
+    split: str | None        # "train" or "val"; None: each document goes to val with probability val_fraction
+    blocks: Iterator[tuple[list, int]]
+    total: int | None        # progress units in all (bytes of files, or records), if known
+    unit: str
+    where: str               # the source, for messages
+
+
+def _optional(module: str, what: str, package: str):
+    """An optional dependency, or one line that names the pip install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{what} needs the {package} package: pip install {package}") from None
+
+
+def text_blocks(path: str, sample_by: str) -> Iterator[tuple[list[bytes], int]]:
+    """([document bytes, ...], bytes read) of a text file cut into documents as SAMPLE_BY[sample_by] says,
+    streamed CHUNK_BYTES at a time (the tokenizing workers decode the bytes: tokenize_records)."""
+    separator = SAMPLE_BY[sample_by]
+    with open(path, "rb") as f:
+        if separator is None:
+            yield [f.read()], os.path.getsize(path)
+            return
+        carry = b""
+        while block := f.read(CHUNK_BYTES):
+            parts = separator.split(carry + block)
+            carry = parts.pop()  # the read may have cut the last document: the next block completes it
+            long = next((p for p in (*parts, carry) if len(p) > MAX_RECORD_BYTES), None)
+            if long is not None:
+                other = ", ".join(k for k in SAMPLE_BY if k != sample_by)
+                raise ValueError(f"{path}: over {MAX_RECORD_BYTES:,} bytes without a {SEPARATOR_NAMES[sample_by]} "
+                                 f"(--sample-by {sample_by}): is it cut into documents another way? use --sample-by "
+                                 f"with one of {other}")
+            yield parts, len(block)
+    if carry.strip():  # a last document without a separator after it
+        yield [carry], 0
+
+
+def _field(record, field: str, where: str) -> str | None:
+    """record[field] of a JSON object or a hub dataset's row: its text, or None (a missing value, skipped)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object: JSON Lines holds one object "
+                         "per line")
+    if field not in record:
+        raise ValueError(f"{where} has no field {field!r} (it has {', '.join(map(repr, list(record)[:12]))}): "
+                         "name the one that holds the text with --text-field")
+    value = record[field]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} holds {type(value).__name__} data, not text: name the field that "
+                         "holds the text with --text-field")
+    return value
+
+
+def jsonl_blocks(path: str, field: str) -> Iterator[tuple[list[str | None], int]]:
+    """(texts, bytes read) of a JSON Lines file (UTF-8, one object per line; blank lines are no records)."""
+    number = 0
+    for lines, n_bytes in text_blocks(path, "line"):
+        texts = []
+        for line in lines:
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # (UnicodeDecodeError is a ValueError: JSON is UTF-8)
+                raise ValueError(f"{path} line {number} is not JSON ({str(e)[:120]}): JSON Lines holds one object "
+                                 "per line") from None
+            texts.append(_field(record, field, f"{path} line {number}"))
+        yield texts, n_bytes
+
+
+def _parquet(path: str, field: str):
+    """A pyarrow ParquetFile whose column `field` holds text; one line otherwise."""
+    pq = _optional("pyarrow.parquet", "reading Parquet", "pyarrow")
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not Parquet vary by version
+        raise ValueError(f"{path} is not a readable Parquet file ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+    schema = pf.schema_arrow
+    if field not in schema.names:
+        raise ValueError(f"{path} has no column {field!r} (it has {', '.join(map(repr, schema.names[:12]))}): name "
+                         "the one that holds the text with --text-field")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise ValueError(f"{path}: column {field!r} is {kind}, not text: name the column that holds the text with "
+                         "--text-field")
+    return pf
+
+
+def parquet_blocks(path: str, field: str) -> Iterator[tuple[list[str | None], int]]:
+    """(texts, rows) of one column of a Parquet file, PARQUET_ROWS rows at a time (a null is a missing text)."""
+    for batch in _parquet(path, field).iter_batches(batch_size=PARQUET_ROWS, columns=[field]):
+        yield batch.column(0).to_pylist(), batch.num_rows
+
+
+def hf_splits(name: str, config: str | None) -> dict:
+    """{split name: records} of a Hugging Face hub dataset, streamed (datasets.load_dataset(streaming=True)):
+    records are downloaded as they are read, so a corpus of any size never has to fit on disk or in memory.
+    The datasets library caches, resumes and honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE by itself."""
+    datasets = _optional("datasets", f"prepare.py hf:{name}", "datasets")
+    try:
+        return dict(datasets.load_dataset(name, config, streaming=True))
+    except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth, a missing config: one line, the same fixes
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"could not open hf:{name}{f' ({config})' if config else ''} on the Hugging Face hub "
+                         f"({type(e).__name__}: {first}); check the name (and --hf-config), or download its files "
+                         "and run `python prepare.py jsonl|parquet|text FILE ...`") from None
+
+
+def hf_blocks(records, field: str, where: str) -> Iterator[tuple[list[str | None], int]]:
+    """(texts, records read) of a hub dataset's split, about CHUNK_BYTES of text at a time."""
+    texts, size, n = [], 0, 0
+    it = iter(records)
+    while True:
+        try:
+            record = next(it)
+        except StopIteration:
+            break
+        except Exception as e:  # noqa: BLE001 - the connection dropped mid-stream, ...: nothing is kept
+            raise ValueError(f"reading {where} failed after {n:,} records ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:120]}): run prepare.py again") from None
+        n += 1
+        texts.append(_field(record, field, f"{where} record {n:,}"))
+        size += len(texts[-1] or "")
+        if size >= CHUNK_BYTES:
+            yield texts, len(texts)
+            texts, size = [], 0
+    if texts:
+        yield texts, len(texts)
+
+
+def _hf_rows(records, split: str) -> int | None:
+    """The number of records of a hub split, where the dataset's card says (for the progress bar)."""
+    try:
+        return int(records.info.splits[split].num_examples) or None
+    except Exception:  # noqa: BLE001 - no info, no split info, no count: the bar counts without a total
+        return None
+
+
+def file_stream(kind: str, split: str | None, paths: list[str], text_field: str, sample_by: str) -> Stream:
+    """The documents of local files of one format, in the order given."""
+    where = paths[0] + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
+    if kind == "parquet":
+        total = sum(_parquet(p, text_field).metadata.num_rows for p in paths)  # (checks every file first)
+        blocks = (b for p in paths for b in parquet_blocks(p, text_field))
+        return Stream(split, blocks, total, "records", where)
+    read = (lambda p: jsonl_blocks(p, text_field)) if kind == "jsonl" else (lambda p: text_blocks(p, sample_by))
+    return Stream(split, (b for p in paths for b in read(p)), sum(map(os.path.getsize, paths)), "B", where)
+
+
+def write_corpus(out_dir: str, streams: list[Stream], tok: Tokenizer, workers: int, val_fraction: float,
+                 seed: int) -> dict:
+    """Tokenize the streams, in order, into out_dir's train and val shards; returns {split: counts}. A stream of
+    no split sends each document to val with probability val_fraction: one draw per document (empty ones too)
+    from a generator seeded with `seed`, so the split depends on the documents' order and the seed alone."""
+    from tqdm import tqdm
+
+    draws = np.random.default_rng(seed)
+
+    def routed(s: Stream) -> Iterator[tuple[tuple[str, int], list]]:
+        for records, n in s.blocks:
+            if s.split:
+                yield (s.split, n), records
+                continue
+            to_val = draws.random(len(records)) < val_fraction
+            held = [r for r, v in zip(records, to_val) if v]
+            if held:
+                yield ("val", 0), held
+            yield ("train", n), [r for r, v in zip(records, to_val) if not v]
+
+    with ExitStack() as stack:  # an error anywhere removes every shard written so far
+        writers = {split: SplitWriter(out_dir, split, False, stack) for split in SPLITS}
+        for s in streams:
+            desc = f"{os.path.basename(out_dir)} {s.split or 'train+val'}"
+            with tqdm(total=s.total, unit=s.unit, unit_scale=True, desc=desc, disable=None) as bar:
+                for (split, n), chunk in tokenize_in_order(routed(s), tok, workers):
+                    writers[split].add(chunk)
+                    bar.update(n)
+            if s.split:  # (a given val split is written first: a malformed one fails before the train data)
+                writers[s.split].check(s.where)
+            else:
+                writers["train"].check(s.where)
+                writers["val"].check(f"the part of {s.where} held out for validation (--val-fraction "
+                                     f"{val_fraction:g}, --seed {seed}: raise the fraction, or give validation data)")
+    return {split: w.write_index() for split, w in writers.items()}
+
+
+def prepare_corpus(source: str, files: Sequence[str] = (), out_dir: str | None = None, val: Sequence[str] = (),
+                   val_fraction: float | None = None, seed: int = 0, text_field: str = "text",
+                   sample_by: str = "line", hf_config: str | None = None, train_split: str = "train",
+                   val_split: str | None = None, workers: int | None = None,
+                   tokenizer: str | Tokenizer = "mistral") -> dict:
+    """Any corpus -> a prepared directory like the presets' (the module docstring; `train.py --dataset=NAME`
+    reads data/NAME). source: "text", "jsonl" or "parquet" with `files` (and `val` files), or "hf:NAME" (a hub
+    dataset: train_split, and val_split or its "validation" split). Without validation data, val_fraction
+    (HELD_OUT by default) of the training documents is held out, drawn with `seed` (write_corpus)."""
+    kind = "hf" if source.startswith("hf:") else source
+    if kind not in (*FORMATS, "hf"):
+        raise ValueError(f"unknown source {source!r}: use {', '.join(FORMATS)} (with files) or hf:NAME")
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"--sample-by {sample_by}: use one of {', '.join(SAMPLE_BY)}")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction}: it must be in (0, 1)")
+    if val_fraction is not None and (val or val_split):
+        raise ValueError("--val-fraction holds validation data out of the training data: give it, or the "
+                         "validation data (--val / --val-split), not both")
+    hub = source[3:]
+    if kind == "hf":
+        if files or val:
+            raise ValueError(f"{source} is read from the hub: it takes no files (its splits: --train-split, --val-split)")
+        if not hub:
+            raise ValueError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
+    else:
+        if not files:
+            raise ValueError(f"`prepare.py {kind}` needs the files to read: python prepare.py {kind} FILE [FILE ...]")
+        missing = next((p for p in (*files, *val) if not os.path.isfile(p)), None)
+        if missing:
+            raise ValueError(f"{missing} is not a file")
+    name = os.path.splitext(os.path.basename(files[0]))[0] if files else hub.rstrip("/").split("/")[-1]
+    out_dir = out_dir or os.path.join(HERE, "data", name)
+    workers = workers or default_workers()
+    tok = _checked_tokenizer(tokenizer)
+    how = {"format": kind, **({"sample_by": sample_by} if kind == "text" else {"text_field": text_field})}
+
+    if kind == "hf":
+        splits = hf_splits(hub, hf_config)
+        for wanted in (train_split, val_split):
+            if wanted is not None and wanted not in splits:
+                raise ValueError(f"hf:{hub} has no split {wanted!r} (it has {', '.join(map(repr, splits))}): "
+                                 "pick one with --train-split / --val-split")
+        if val_split is None and val_fraction is None and "validation" in splits and train_split != "validation":
+            val_split = "validation"
+        given = [("val", val_split)] if val_split else []
+        origin = {"hub": hub, "config": hf_config, **how}
+        sources = [{"split": split or "train+val", **origin, "hub_split": hub_split}
+                   for split, hub_split in [*given, ("train" if given else None, train_split)]]
+        streams = [Stream(split, hf_blocks(splits[hub_split], text_field, f"hf:{hub} split {hub_split}"),
+                          _hf_rows(splits[hub_split], hub_split), "records", f"hf:{hub} split {hub_split}")
+                   for split, hub_split in [*given, ("train" if given else None, train_split)]]
+        reference = "tinystories" if (hub, train_split, val_split, text_field, hf_config) == \
+            ("roneneldan/TinyStories", "train", "validation", "text", None) else None
+    else:
+        groups = [("val", list(val)), ("train", list(files))] if val else [(None, list(files))]
+        sources = [{"split": split or "train+val", "path": os.path.abspath(p), "sha256": sha256_file(p), **how}
+                   for split, paths in groups for p in paths]
+        streams = [file_stream(kind, split, paths, text_field, sample_by) for split, paths in groups]
+        reference = None
+    held = streams[-1].split is None
+    fraction = HELD_OUT if val_fraction is None else val_fraction
+    if held:
+        for s in sources:
+            s.update(val_fraction=fraction, seed=seed)
+        print(f"validation: {fraction:g} of the documents held out (--val-fraction, drawn with --seed {seed}); "
+              "give validation data instead with " + ("--val-split" if kind == "hf" else "--val FILE"))
+    elif kind == "hf":
+        print(f"validation: hf:{hub} split {val_split!r}")
+    command = _corpus_command(source, files, out_dir, val, val_fraction, seed, text_field, sample_by, hf_config,
+                              train_split, val_split, tok.name)
+    meta = new_meta(os.path.basename(os.path.normpath(out_dir)), tok, False, sources, reference, command)
+    return build(out_dir, meta, lambda: write_corpus(out_dir, streams, tok, workers, fraction, seed))
+
+
+def _corpus_command(source, files, out_dir, val, val_fraction, seed, text_field, sample_by, hf_config, train_split,
+                    val_split, tokenizer) -> str:
+    """The prepare.py command line that builds this directory again (for the readers' error messages)."""
+    args = ["python", "prepare.py", source, *files, "--out-dir", os.path.relpath(out_dir)]
+    args += [a for v in val for a in ("--val", v)]
+    for flag, value, default in (("--val-fraction", val_fraction, None), ("--seed", seed, 0),
+                                 ("--text-field", text_field, "text"), ("--sample-by", sample_by, "line"),
+                                 ("--hf-config", hf_config, None), ("--train-split", train_split, "train"),
+                                 ("--tokenizer", tokenizer, "mistral")):
+        if value != default and not (flag == "--sample-by" and source != "text") \
+                and not (flag == "--text-field" and source == "text"):
+            args += [flag, str(value)]
+    if val_split and source.startswith("hf:"):
+        args += ["--val-split", val_split]
+    return shlex.join(args)
 
 
 def _load_tokenizer(name: str, fix: str = "or use --tokenizer mistral") -> Tokenizer:
@@ -699,15 +1095,16 @@ def _up_to_date(out_dir: str, meta: dict) -> bool:
         print(f"rebuilding {out_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return False
     key = ("format", "dataset", "tokenizer", "tokenizer_sha256", "vocab_size")
-    same_sources = [(s["split"], s["sha256"], s["start"], s["stop"]) for s in old["sources"]] == \
-                   [(s["split"], s["sha256"], s["start"], s["stop"]) for s in meta["sources"]]
+    # a source is its content (sha256, or a hub dataset's name and split) and how it was read, wherever it lies
+    same_sources = [{k: v for k, v in s.items() if k != "path"} for s in old["sources"]] == \
+                   [{k: v for k, v in s.items() if k != "path"} for s in meta["sources"]]
     return same_sources and all(old.get(k) == meta[k] for k in key)
 
 
 def print_table(meta: dict) -> None:
-    """Token counts per split, next to the seed write-up's numbers where it reported them."""
-    name = meta["dataset"]
-    seed = any((name, s) in SEED_COUNTS for s in meta["splits"])
+    """Token counts per split, next to the seed write-up's numbers where it reported them (TinyStories)."""
+    name, reference = meta["dataset"], meta.get("reference")
+    seed = any((reference, s) in SEED_COUNTS for s in meta["splits"])
     head = f"| {'dataset/split':<28} | {'total tokens':>14} | {'entries':>10} | {'skipped':>7} | {'bad bytes':>9} |"
     head += f" {'seed tokens':>12} | {'seed entries':>12} |" if seed else ""
     print(head)
@@ -715,7 +1112,7 @@ def print_table(meta: dict) -> None:
     for split, c in meta["splits"].items():
         row = f"| {name + ' ' + split:<28} | {c['tokens']:>14,} | {c['documents']:>10,} | {c['skipped']:>7,} | {c['bad_bytes']:>9,} |"
         if seed:
-            st, se = SEED_COUNTS.get((name, split), (None, None))
+            st, se = SEED_COUNTS.get((reference, split), (None, None))
             row += f" {st:>12,} | {se:>12,} |" if st else f" {'':>12} | {'':>12} |"
         print(row)
         if "pairs" in c:
@@ -725,20 +1122,70 @@ def print_table(meta: dict) -> None:
     print(f"(tokens exclude the eos after each entry; tokenizer {meta['tokenizer']}, vocab {meta['vocab_size']:,})")
 
 
+# which options each kind of source takes: an option that would be ignored is refused instead
+OPTION_KINDS = {"train": ("preset",), "val": ("preset", *FORMATS), "val_fraction": (*FORMATS, "hf"),
+                "seed": (*FORMATS, "hf"), "text_field": ("jsonl", "parquet", "hf"), "sample_by": ("text",),
+                "hf_config": ("hf",), "train_split": ("hf",), "val_split": ("hf",)}
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dataset", choices=list(DATASETS))
-    ap.add_argument("--train", help="local train .txt file instead of downloading (tinystories*)")
-    ap.add_argument("--val", help="local validation .txt file (with --train)")
-    ap.add_argument("--out-dir", help="output directory (default: data/DATASET next to this file)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    ap.add_argument("source", metavar="SOURCE", help=f"a preset ({', '.join(DATASETS)}); a format ({', '.join(FORMATS)}) "
+                                                     "followed by its files; or hf:NAME, a Hugging Face hub dataset")
+    ap.add_argument("files", nargs="*", metavar="FILE", help="text / jsonl / parquet: the training files, read in order")
+    ap.add_argument("--train", help="tinystories*: a local train .txt file instead of downloading")
+    ap.add_argument("--val", action="append", metavar="FILE",
+                    help="a validation file: tinystories* (with --train), or text / jsonl / parquet (repeatable)")
+    ap.add_argument("--val-fraction", type=float, metavar="F",
+                    help=f"hold out this fraction of the training documents for validation (default {HELD_OUT} when "
+                         "no validation data is given), drawn per document with --seed")
+    ap.add_argument("--seed", type=int, default=0, help="the held-out draw's seed (default 0)")
+    ap.add_argument("--text-field", default="text", metavar="NAME",
+                    help="jsonl / parquet / hf: the field (column) that holds each document's text (default text)")
+    ap.add_argument("--sample-by", choices=list(SAMPLE_BY), default="line",
+                    help="text: one document per line (default); per paragraph (blank lines between documents); "
+                         "per <|endoftext|>-separated record (eot); or one per file (document)")
+    ap.add_argument("--hf-config", metavar="NAME", help="hf: the dataset's configuration (subset), if it has several")
+    ap.add_argument("--train-split", default="train", metavar="NAME", help="hf: the split to train on (default train)")
+    ap.add_argument("--val-split", metavar="NAME",
+                    help="hf: the validation split (default: validation if the dataset has one, else held out)")
+    ap.add_argument("--out-dir", help="output directory (default: data/NAME next to this file; NAME is the preset, "
+                                      "the first file's name without extension, or the hub dataset's name)")
     ap.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all cores)")
     ap.add_argument("--tokenizer", default="mistral",
                     help="mistral (default), gpt2, or t5:HUB_ID_OR_DIR: T5's spiece.model, e.g. t5:google/flan-t5-base")
     a = ap.parse_args(argv)
+    kind = "preset" if a.source in DATASETS else "hf" if a.source.startswith("hf:") else a.source
+    if kind not in ("preset", *FORMATS, "hf"):
+        guess = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(os.path.splitext(a.source)[1], "text")
+        hint = f"; for this file: python prepare.py {guess} {a.source}" if os.path.isfile(a.source) else ""
+        raise SystemExit(f"prepare.py: unknown SOURCE {a.source!r}: use a preset ({', '.join(DATASETS)}), a format "
+                         f"({', '.join(FORMATS)}) followed by its files, or hf:NAME{hint}")
+    for option, kinds in OPTION_KINDS.items():
+        if getattr(a, option) != ap.get_default(option) and kind not in kinds:
+            raise SystemExit(f"prepare.py: --{option.replace('_', '-')} does not apply to {a.source} (it is for "
+                             f"{', '.join(k if k != 'preset' else 'the presets' for k in kinds)} sources)")
     try:
-        prepare(a.dataset, a.out_dir, a.train, a.val, a.workers, a.tokenizer)
+        if kind == "preset":
+            if a.files or len(a.val or []) > 1:
+                raise ValueError(f"{a.source} takes local files as --train FILE --val FILE (one each); for other "
+                                 "files use `python prepare.py text|jsonl|parquet FILE ...`")
+            prepare(a.source, a.out_dir, a.train, (a.val or [None])[0], a.workers, a.tokenizer)
+        else:
+            prepare_corpus(a.source, a.files, a.out_dir, a.val or [], a.val_fraction, a.seed, a.text_field, a.sample_by,
+                           a.hf_config, a.train_split, a.val_split, a.workers, a.tokenizer)
     except (ValueError, OSError) as e:
         raise SystemExit(f"prepare.py: {e}") from None
+
+
+EXAMPLES = """examples:
+  python prepare.py sample                                 # the bundled TinyStories sample -> data/sample
+  python prepare.py text my_corpus.txt --out-dir data/mine # one document per line; then train.py --dataset=mine
+  python prepare.py text book1.txt book2.txt --sample-by document --val book3.txt
+  python prepare.py jsonl corpus.jsonl --text-field content --val-fraction 0.005
+  python prepare.py parquet train-*.parquet --text-field text
+  python prepare.py hf:roneneldan/TinyStories              # streamed from the hub (pip install datasets)"""
 
 
 if __name__ == "__main__":

@@ -31,14 +31,18 @@ SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 
 class Tokenizer:
-    """encode/decode text; special ids as attributes. Picklable (worker processes rebuild the model)."""
+    """encode/decode text; special ids as attributes. Picklable (worker processes rebuild the model).
+    model_file: the SentencePiece model to read instead of the one the name locates (a mistral or t5: name):
+    the copy an export directory carries (checkpoint.py), so that it needs nothing else to be read."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, model_file: str | None = None):
         self.name = name
+        if model_file is not None and name == "gpt2":
+            raise ValueError("the gpt2 tokenizer is tiktoken's, read by name: it takes no model file")
         if name == "mistral":
             import sentencepiece as spm
 
-            self.model_file = mistral_model_file()
+            self.model_file = model_file or mistral_model_file()
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
             self.base_vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
@@ -46,8 +50,8 @@ class Tokenizer:
             import sentencepiece as spm
 
             source = name[3:]  # a local one by its absolute path: the name goes into checkpoints and meta.json
-            self.name = "t5:" + os.path.abspath(source) if os.path.exists(source) else name
-            self.model_file = t5_model_file(source)
+            self.name = "t5:" + os.path.abspath(source) if os.path.exists(source) and not model_file else name
+            self.model_file = model_file or t5_model_file(source)
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
             self.base_vocab_size = self._sp.get_piece_size()
             self.eos_id = self._sp.eos_id()
@@ -92,10 +96,10 @@ class Tokenizer:
         return [self.mode_ids[mode]] if self.mode_ids else []
 
     def __getstate__(self):
-        return {"name": self.name}
+        return {"name": self.name, "model_file": self.model_file if self.name != "gpt2" else None}
 
     def __setstate__(self, state):
-        self.__init__(state["name"])
+        self.__init__(state["name"], state.get("model_file"))
 
     def encode(self, text: str | list[str], allow_sentinels: bool = False) -> list[int] | list[list[int]]:
         """Text -> ids (no eos). A list of texts is encoded in one call (much faster for SentencePiece).

@@ -17,6 +17,7 @@ Usage
     python train.py config/rot5_mini.py --micro_batch_size=32 --compile=True   # override any key
     python train.py config/rot5_mini.py --resume=True                         # continue out_dir/ckpt.pt
     python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
+    python train.py config/sample_cpu.py --help   # every key, its value (here: after the config) and what it does
 
 Config: the defaults below, then config files, then --key=value (configurator.py: type-checked, unknown
 keys are errors). The model keys are ROT5Config's fields (model.py) with its defaults: T5-Base.
@@ -41,6 +42,8 @@ A full disk, a damaged shard or a bad setting ends the run with one line and the
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
+    curves.png     the loss curves, learning rate and tokens/s, redrawn at every evaluation (plot.py; needs
+                   matplotlib); wandb_log / tensorboard_log send every event to those trackers too
     metrics.jsonl  one JSON object per event, for plots:
         {"event": "train", "step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm",
          "tok_per_s", "mfu" (null if the peak is unknown), "enc_real" / "dec_real" (the fraction of encoder /
@@ -60,6 +63,7 @@ Outputs in out_dir:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -84,49 +88,56 @@ from tqdm import tqdm
 import prepare
 import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
-from configurator import check_ranges, configure
 from batch import Batch, check_batch
+from configurator import check_ranges, configure, documented_keys, help_text, wants_help
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN, lm_loss
+from plot import Tracker, check_trackers
 from ul2 import MODES, UL2Batches, continuation_batches
 
 # -----------------------------------------------------------------------------------------------------------
-# default config: the seed's T5-Base run (UL2 on 1 epoch of TinyStories, batch 300); config/*.py change it
-# I/O
-out_dir = "out/pretrain"
-log_interval = 10         # steps between "train" events
-eval_interval = 500       # steps between evaluations on the fixed validation subset (and checkpoints)
-eval_docs = 500           # size of that subset: the first eval_docs validation documents (the seed: 500)
-eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
-                          # so keep it equal across the variants you compare
-resume = False            # continue from out_dir/ckpt.pt (automatic after a torchrun --max-restarts restart)
+# default config: the seed's T5-Base run (UL2 on 1 epoch of TinyStories, batch 300); config/*.py change it.
+# `python train.py --help` lists these keys under the group comments below, each with its trailing comment.
 # data
 dataset = "tinystories"   # data/<dataset>/ from prepare.py
 mixture = "ul2"           # ul2.mixture(): "ul2" | "t5" | "prefix_lm"
 encoder_len = 512         # longest input (T5's 512); longer documents are cropped to fit (ul2.py)
 decoder_len = 256         # longest target
 pack = True               # several examples per row, no compute on padding (T5's packing; ul2.pack_examples)
-# budget: max_tokens > 0 wins over epochs
-epochs = 1.0              # passes over the training documents (fractional is fine)
-max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use epochs)
-# batch
+# optimization: AdamW with HF Trainer's defaults for the rest, as the seed (transformers 4.36)
 batch_size = 300          # documents per optimizer step, over all processes and accumulation steps
 micro_batch_size = 30     # documents per forward pass per process
-# optimizer: AdamW with HF Trainer's defaults for the rest, as the seed (transformers 4.36)
 learning_rate = 5e-4      # peak learning rate
 weight_decay = 0.01       # on matrices only (see param_groups)
-beta1 = 0.9
-beta2 = 0.999
-warmup_frac = 0.01        # linear warm-up over this fraction of the steps, then linear decay to 0
+beta1 = 0.9               # AdamW's decay rate of the gradient's running mean
+beta2 = 0.999             # AdamW's decay rate of the squared gradient's running mean
 grad_clip = 1.0           # max global gradient norm (0: no clipping)
 max_bad_steps = 5         # stop after this many non-finite steps in a row
+# schedule: the budget (max_tokens > 0 wins over epochs), the learning rate, logging and evaluation
+epochs = 1.0              # passes over the training documents (fractional is fine)
+max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use epochs)
+warmup_frac = 0.01        # linear warm-up over this fraction of the steps, then linear decay to 0
+log_interval = 10         # steps between "train" events
+eval_interval = 500       # steps between evaluations on the fixed validation subset (and checkpoints)
+eval_docs = 500           # that subset: the first eval_docs validation documents (the seed: 500)
+eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
+                          # so keep it equal across the variants you compare
 # system
+out_dir = "out/pretrain"  # the run's directory: ckpt.pt, metrics.jsonl, curves.png
+resume = False            # continue from out_dir/ckpt.pt (automatic after a torchrun --max-restarts restart)
 device = "auto"           # "auto": cuda if available, else cpu; or "cpu", "cuda", "cuda:N" (one process)
 compile = False           # torch.compile the training step: one graph (rows padded to encoder_len / decoder_len)
 dtype = "auto"            # "float32" | "bfloat16" (autocast) | "auto": bfloat16 where it is faster (resolve_dtype)
-seed = 0
+seed = 0                  # the documents' order, their corruption, the initial weights and dropout
 peak_flops = 0.0          # device peak FLOP/s for MFU; 0: the GPU's bf16 dense peak from PEAK_FLOPS
+wandb_log = False         # send the metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline: on disk)
+wandb_project = "rot5"    # its W&B project
+wandb_run_name = ""       # its W&B run name ("": W&B picks one)
+tensorboard_log = False   # write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # -----------------------------------------------------------------------------------------------------------
 TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+USAGE = """usage: python train.py [CONFIG_FILE ...] [--key=value ...]
+       torchrun --standalone --nproc_per_node=N train.py [CONFIG_FILE ...] [--key=value ...]
+       python train.py --chinchilla=TOKENS     (the Chinchilla-optimal model size for a budget of TOKENS tokens)"""
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched against the device name in order.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
@@ -141,8 +152,12 @@ ADAM_EPS = 1e-8           # HF Trainer's default
 def main(argv: list[str] | None = None) -> dict:
     """Train with the config from argv (sys.argv[1:] by default); returns the last evaluation."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0].startswith("--chinchilla"):
-        value = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+    if wants_help(argv):
+        print(config_help(argv))
+        return {}
+    at = next((i for i, a in enumerate(argv) if a == "--chinchilla" or a.startswith("--chinchilla=")), None)
+    if at is not None:  # anywhere on the command line; the other arguments do not matter to it
+        value = argv[at].partition("=")[2] or (argv[at + 1] if at + 1 < len(argv) else "")
         try:
             tokens = float(value)
         except ValueError:
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
     check_data_settings(config)
+    check_trackers(config)
     try:
         model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
     except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
@@ -272,9 +288,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         remove_run_temps(cfg.out_dir, say)
         restart_log(metrics_path, start_step if resuming[0] else None, say)
 
+    tracker = Tracker(config, metrics_path, say) if master else None  # curves.png, W&B, TensorBoard (plot.py)
+
     def log(event: dict) -> None:
         if master:
             log_event(metrics_path, event)
+            tracker.log(event)
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -394,7 +413,20 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             save(done)
             interval.t0 += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
     bar.close()
+    if master:
+        tracker.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def config_help(argv: list[str]) -> str:
+    """`python train.py --help`: every key (the training keys above, then ROT5Config's) with its value and its
+    line, read off the comments of the defaults (configurator.documented_keys)."""
+    model_defaults = asdict(ROT5Config())
+    keys = documented_keys(__file__, TRAIN_DEFAULTS) + documented_keys(
+        inspect.getsourcefile(ROT5Config), model_defaults, scope=ROT5Config.__name__,
+        group="model: ROT5Config's fields (model.py); T5-Base by default")
+    return help_text(USAGE, "Pre-train ROT5 with the UL2 mixture of denoisers (the top of train.py has the details).",
+                     keys, {**TRAIN_DEFAULTS, **model_defaults}, argv)
 
 
 def init_process_group(backend: str, rank: int, world: int) -> None:

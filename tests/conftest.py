@@ -7,6 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plot  # noqa: E402
 import prepare  # noqa: E402
 from model import ROT5  # noqa: E402
 
@@ -29,6 +30,24 @@ def short_val_sample(tmp_path_factory) -> str:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prepare, "SAMPLE_DIR", str(d))
         yield str(d)
+
+
+DRAW_CURVES = plot.Tracker.draw
+
+
+@pytest.fixture(scope="session", autouse=True)
+def curves_only_where_tested():
+    """train.py and finetune.py redraw curves.png at every evaluation: ~0.3-0.6 s of matplotlib each, which a
+    real run spends once per thousands of steps but the suite's many tiny runs would spend every few steps
+    (~1 min in all). Drawing is off for the session; the tests of the curves turn it on (real_curves)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plot.Tracker, "draw", lambda self: None)
+        yield
+
+
+@pytest.fixture
+def real_curves(monkeypatch):
+    monkeypatch.setattr(plot.Tracker, "draw", DRAW_CURVES)
 
 
 class NaNLosses:

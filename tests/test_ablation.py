@@ -249,3 +249,28 @@ def test_own_config_files_are_variants(tmp_path):
     configs = {v.name: ablation.pretrain_args(v, args, [], 0)[1] for v in args.variants}
     with pytest.raises(SystemExit, match="big_batch.py trains with batch_size=512, the baseline .* with 300; .*matched"):
         ablation.check_matched(args.variants, configs)
+
+
+def test_plan_at_the_cpu_scale_times_steps_and_prepares_nothing(study, monkeypatch, capsys):
+    """--plan: CPU time from steps timed here (no GPU columns of zeros), the last run's measured wall time beside
+    it; nothing tokenized, trained or written."""
+    monkeypatch.chdir(study["dir"])
+    monkeypatch.setattr(ablation.prepare, "prepare", lambda *a, **k: pytest.fail("--plan tokenized data"))
+    before = {p: os.stat(p).st_mtime_ns for p in (study["dir"] / "abl").rglob("*")}
+    capsys.readouterr()
+    assert ablation.main(["--plan", *ARGV]) == {}
+    out = capsys.readouterr().out
+    assert f"on {ablation.cpu_name()}" in out and "H100" not in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| pre-train")}
+    assert set(rows) == {"pre-train t5_base", "pre-train rot5_base_gqa"}
+    for name, cells in rows.items():
+        assert float(cells[3]) > 0 and cells[2] == "2 x 8"  # seconds per step, measured; the study's steps
+        wall = json.loads((study["dir"] / "abl" / "seed0" / name.split()[1] / "ablation.json").read_text())["wall_s"]
+        assert cells[7].strip(" |") == f"{wall / 60:.1f} min"  # the last run, measured
+    assert {p: os.stat(p).st_mtime_ns for p in (study["dir"] / "abl").rglob("*")} == before
+
+
+def test_one_seed_is_no_statistics():
+    assert ablation.verdict(ablation.paired([-0.09])) == "one seed: no statistics"
+    assert ablation.verdict(ablation.paired([0.09])) == "one seed: no statistics"
