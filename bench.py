@@ -480,11 +480,11 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
                  f"decoder {tuple(batch.labels.shape)}; MFU = model.train_flops (real tokens) / step time / "
                  + (f"{peak / 1e12:g} TFLOP/s peak" if peak else "peak (unknown here: pass --peak-tflops)")
                  + f"; projected time = {SEED_PRETRAIN_TOKENS:,} tokens / tok/s on one device")
-    # MoE vs dense runs both eager: the expert batch sizes depend on the routing, so torch.compile would
-    # recompile the MoE step at every new routing; with --compile the dense model is timed both ways.
+    # MoE vs dense, both compiled with --compile (the MoE step is one graph too: its expert counts are
+    # symbolic sizes); with --compile the dense model is also timed eager
     moe = setup.mini_arch | dict(n_experts=8, moe_top_k=1)
     runs = [("dense", setup.mini_arch, args.compile)] + [("dense eager", setup.mini_arch, False)] * args.compile
-    runs += [("moe", moe, False)]
+    runs += [("moe", moe, args.compile)]
     models, fns, memory = {}, {}, {}
     for name, arch, compile in runs:
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -508,14 +508,17 @@ def bench_pretrain(args, setup: Setup, tok, docs, device, dtype, notes: list[str
     tps = (enc_tok + dec_tok) / times["dense"]
     # top-1: a token passes through the router and ONE expert, which has the dense FFN's shape
     active = sum(p.numel() for n, p in models["moe"].named_parameters() if not re.search(r"\.experts\.[1-9]", n))
-    dense = times["dense eager" if args.compile else "dense"]
+    dense = times["dense"]
     return [report(Row("f", f"train step, {how}{extra('dense')}", f"rot5_mini {n_params(models['dense'])}",
                        f"{tps:,.0f} tok/s, {times['dense'] * 1e3:,.0f} ms", "", None, None)),
             report(Row("f", f"seed pre-training, {SEED_PRETRAIN_TOKENS / 1e9:.2f}B tokens", "rot5_mini",
                        f"{SEED_PRETRAIN_TOKENS / tps / 3600:,.1f} h", "", None, None)),
-            report(Row("f", f"train step, MoE vs dense, eager{extra('moe')}",
+            report(Row("f", f"train step, MoE vs dense, {how}{extra('moe')}",
                        f"rot5_mini + Switch 8 experts top-1 ({n_params(models['moe'])}, {active / 1e6:.1f}M active)",
-                       f"{times['moe'] * 1e3:,.0f} ms", f"{dense * 1e3:,.0f} ms (dense)", dense / times["moe"], None))]
+                       f"{times['moe'] * 1e3:,.0f} ms", f"{dense * 1e3:,.0f} ms (dense)", dense / times["moe"], None))] \
+        + [report(Row("f", "train step, compiled vs eager", "rot5_mini", f"{times['dense'] * 1e3:,.0f} ms",
+                      f"{times['dense eager'] * 1e3:,.0f} ms (eager)", times["dense eager"] / times["dense"], None))
+           ] * args.compile
 
 
 def bench_packing(args, setup: Setup, tok, docs, device, dtype, notes: list[str]) -> list[Row]:
