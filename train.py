@@ -32,7 +32,8 @@ the checkpoint averages only its steps after it). A new run refuses an out_dir t
 With pack=True (the default) a micro-batch's examples are packed several to a row (ul2.pack_examples):
 encoder rows of encoder_len and decoder rows of decoder_len, each side packed apart, in numbers that vary a
 little from one micro-batch to the next; the loss is the same token-weighted mean over the same examples, so
-pack=False (one example per row) trains the same model, slower. Evaluation packs its rows too.
+pack=False (one example per row) trains the same model, slower. The UL2 evaluation packs its rows too; the
+continuation loss reads whole stories one per row, in order of length (ul2.continuation_batches says why).
 --compile: the training step is one graph (the model reads nothing back to the host but a Switch FFN's
 expert counts; batches are checked on the CPU before they move: batch.check_batch), compiled once with
 symbolic row counts (Batch.mark_dynamic); on a GPU its attention is FlexAttention (model.use_flex). The one
@@ -308,8 +309,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         def run(batches) -> dict:
             return validation_loss(model, batches, device, autocast, ddp, tok.mode_ids, cfg.compile)
 
-        cont = continuation_batches(val_docs, tok, cfg.eval_batch_size, cfg.encoder_len, cfg.decoder_len, n_docs,
-                                    rank, world)
+        cont = continuation_batches(val_docs, tok, cfg.eval_batch_size, n_docs, rank, world)
         return {**run(val_batches.eval_batches(n_docs)), "continuation_loss": run(cont)["val_loss"]}
 
     c, n_opt, _ = chinchilla(budget)

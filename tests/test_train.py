@@ -272,7 +272,7 @@ def test_validation_loss_per_mode(sample_data):
     assert weighted == pytest.approx(got["val_loss"], rel=1e-12)  # (float64 sums of the same numbers)
     assert len({round(got[f"val_loss_{m}"], 6) for m in n_mode}) == 3  # three different numbers, not one copied
     # continuation batches are all [S] rows: R and X are absent, not zero
-    cont = train.validation_loss(model, continuation_batches(val, tok, 16, 128, 64, 8), torch.device("cpu"),
+    cont = train.validation_loss(model, continuation_batches(val, tok, 16, 8), torch.device("cpu"),
                                  contextlib.nullcontext(), False, tok.mode_ids)
     assert cont["val_loss_R"] is None and cont["val_loss_X"] is None and cont["val_loss_S"] == cont["val_loss"]
 

@@ -340,14 +340,16 @@ def validation_stories() -> tuple[np.ndarray, ...]:
 
 
 def test_continuation_batches_reconstruct_the_stories(tok):
-    """[S] + first half + eos -> second half + eos, every story exactly once and whole (no cropping: rows grow
-    past encoder_len / decoder_len when a story needs it), packed like training rows, whatever the batch size;
-    the 0-, 1- and 2-token prefixes of a real story too."""
+    """[S] + first half + eos -> second half + eos, every story exactly once and whole (no cropping), one per
+    row, in order of length, whatever the batch size; the 0-, 1- and 2-token prefixes of a real story too."""
     val = validation_stories()
     docs = list(val[:37]) + [val[37][:0], val[38][:1], val[39][:2]]
     seen = []
-    for batch in ul2.continuation_batches(docs, tok, batch_size=8, encoder_len=64, decoder_len=32):
+    lengths = []
+    for batch in ul2.continuation_batches(docs, tok, batch_size=8):
         seg, dseg = batch.segment_ids, batch.decoder_segment_ids
+        assert batch.cross_index is None and len(seg) == int(seg.max()) - int(seg[seg > 0].min()) + 1  # one per row
+        lengths += (seg > 0).sum(1).tolist()
         assert torch.equal(seg > 0, batch.input_ids != tok.pad_id) and torch.equal(dseg > 0, batch.labels != -100)
         for k in range(1, int(seg.max()) + 1):
             inputs, labels, dec_in = batch.input_ids[seg == k], batch.labels[dseg == k], batch.decoder_input_ids[dseg == k]
@@ -357,14 +359,14 @@ def test_continuation_batches_reconstruct_the_stories(tok):
             assert dec_in[0] == tok.pad_id and torch.equal(dec_in[1:], labels[:-1])
             seen.append(tuple(doc.tolist()))
     assert sorted(seen) == sorted(tuple(d.tolist()) for d in docs)
-    assert max(len(d) for d in docs) > 2 * 64   # long stories stay whole
+    assert lengths == sorted(lengths) and max(len(d) for d in docs) > 300   # in order; long stories stay whole
     # a prefix of the documents, split between two ranks: together the same batches as one rank
-    one = list(ul2.continuation_batches(docs, tok, 8, 64, 32, n_docs=30))
-    two = [list(ul2.continuation_batches(docs, tok, 8, 64, 32, n_docs=30, rank=r, world_size=2)) for r in range(2)]
+    one = list(ul2.continuation_batches(docs, tok, 8, n_docs=30))
+    two = [list(ul2.continuation_batches(docs, tok, 8, n_docs=30, rank=r, world_size=2)) for r in range(2)]
     assert [len(one), len(two[0]), len(two[1])] == [4, 2, 2]
     for x, y in zip([two[0][0], two[1][0], two[0][1], two[1][1]], one):
         assert same(x, y)
     assert sum(int(b.segment_ids.max()) for b in one) == 30
     bad = [np.concatenate([docs[0], [tok.sentinel_ids[0]]])]
     with pytest.raises(ValueError, match="plain text ids"):
-        next(ul2.continuation_batches(bad, tok, 1, 64, 32))
+        next(ul2.continuation_batches(bad, tok, 1))
