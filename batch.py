@@ -5,7 +5,7 @@ A row holds one example (a padded row is one segment) or several (packed rows, u
 T5 packs several examples per row so that no compute goes to padding (seqio's trim_and_pack); ROT5 packs the
 encoder and decoder rows apart, so decoder rows say where their examples' inputs are (cross_index).
 
-    Batch          the rows: ids, segment ids, labels, cross_index
+    Batch          the rows: ids, segment ids, labels, cross_index, label_index
     shift_right    teacher forcing's decoder inputs from the labels: the one rule, used by every batch builder
     padded_batch   Hugging Face's layout (one example per row, right-padded, attention_mask) as a Batch
     check_batch    every one-line error a bad batch gets, run where batches enter (not in the forward)
@@ -33,6 +33,8 @@ class Batch(NamedTuple):
     labels: Tensor | None = None        # (B_dec, T): targets, -100 where there is none; None: no loss
     cross_index: Tensor | None = None   # (B_dec, X): the flat encoder positions b' * S + s decoder row b reads,
                                         # its examples' inputs back to back, -1 after; None: row b reads row b
+    label_index: Tensor | None = None   # (N,) the flat positions b * T + t of the labels (label_positions): the
+                                        # output layer runs there alone, without a host sync to find them
 
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
@@ -42,7 +44,7 @@ class Batch(NamedTuple):
         the next. Marked dynamic, the step compiles once with symbolic sizes instead of at each new size."""
         for t in self:
             if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)   # (label_index: the number of labels varies too)
         if self.cross_index is not None:
             torch._dynamo.maybe_mark_dynamic(self.cross_index, 1)
         return self
@@ -54,6 +56,11 @@ def shift_right(labels: Tensor, segment_ids: Tensor, pad_id: int) -> Tensor:
     dec = torch.cat([labels.new_full((len(labels), 1), pad_id), labels[:, :-1]], dim=1)
     dec[:, 1:].masked_fill_(segment_ids[:, 1:] != segment_ids[:, :-1], pad_id)
     return dec.masked_fill(dec == -100, pad_id)
+
+
+def label_positions(labels: Tensor) -> Tensor:
+    """The flat positions of the labels that count (not -100), in order: Batch.label_index."""
+    return (labels.flatten() != -100).nonzero().squeeze(1)
 
 
 def padded_batch(cfg: ROT5Config, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
@@ -70,7 +77,8 @@ def padded_batch(cfg: ROT5Config, input_ids: Tensor, attention_mask: Tensor | No
         decoder_segment_ids = torch.ones_like(decoder_input_ids)
     if decoder_input_ids is None:
         decoder_input_ids = shift_right(labels, decoder_segment_ids, cfg.pad_token_id)
-    batch = Batch(input_ids, segment_ids, decoder_input_ids, decoder_segment_ids, labels)
+    batch = Batch(input_ids, segment_ids, decoder_input_ids, decoder_segment_ids, labels, None,
+                  None if labels is None else label_positions(labels))
     check_batch(batch, cfg)
     return batch
 
@@ -125,6 +133,10 @@ def check_batch(batch: Batch, cfg: ROT5Config) -> None:
                              f"{tuple(batch.decoder_input_ids.shape)} must have the same shape")
         if (labels == -100).all():  # the mean over no tokens is NaN
             raise ValueError("labels are all -100 (ignored): a batch needs at least one token to predict")
+        if batch.label_index is None or not torch.equal(batch.label_index, label_positions(labels)):
+            raise ValueError("label_index must be label_positions(labels), the flat positions of the labels")
+    elif batch.label_index is not None:
+        raise ValueError("label_index without labels: pass both, or neither")
     for name, s, ids in (("segment_ids", seg, batch.input_ids), ("decoder_segment_ids", dseg, batch.decoder_input_ids)):
         if not isinstance(s, Tensor) or s.dtype not in (torch.int64, torch.int32) or s.shape != ids.shape:
             raise ValueError(f"{name} must be an int tensor shaped like its token ids {tuple(ids.shape)}")

@@ -611,8 +611,8 @@ class Decoder(nn.Module):
 
 
 class ROT5Output(NamedTuple):
-    loss: Tensor | None          # LM cross-entropy, fp32, mean over labels != -100 (None without labels)
-    logits: Tensor               # (B_dec, T, V)
+    loss: Tensor | None          # LM cross-entropy in fp32, the mean over the labels (None without labels)
+    logits: Tensor | None        # (B_dec, T, V) without labels; None with them (computed at labels only)
     aux_loss: Tensor             # coef-weighted load-balancing loss summed over MoE layers (0. if dense/off)
     z_loss: Tensor               # coef-weighted router z-loss summed over MoE layers (0. if dense/off)
     expert_load: Tensor | None   # (n_moe_layers, n_experts): fraction of real tokens routed to each expert
@@ -655,15 +655,22 @@ class ROT5(nn.Module):
             nn.init.normal_(m.weight, std=d ** -0.5)
 
     def forward(self, batch: Batch) -> ROT5Output:
-        """Teacher forcing on a Batch (checked where it was made: check_batch); the loss when it has labels."""
+        """Teacher forcing on a Batch (checked where it was made: check_batch): the loss when it has labels (the
+        output layer then runs at their positions alone: at 32k words it is most of a small model's decoder),
+        else the logits of every position."""
         flex = use_flex(self.cfg, batch.input_ids, self.training)
         enc = self.encoder(self.embed(batch.input_ids), batch.segment_ids, flex)
         x = self.embed(batch.decoder_input_ids)
         self_attn, cross_attn = self.decoder.masks(batch.decoder_segment_ids, batch.segment_ids, batch.cross_index,
                                                    flex, mask_dtype(x))
         cross_kv = self.decoder.project_kv(enc, batch.segment_ids, batch.cross_index)
-        logits = self.lm_logits(self.decoder(x, self_attn, cross_kv, cross_attn))
-        loss = None if batch.labels is None else lm_loss(logits, batch.labels)
+        h = self.decoder(x, self_attn, cross_kv, cross_attn)
+        loss = logits = None
+        if batch.labels is None:
+            logits = self.lm_logits(h)
+        else:
+            at = batch.label_index
+            loss = F.cross_entropy(self.lm_logits(h.flatten(0, 1)[at]).float(), batch.labels.flatten()[at].long())
         return ROT5Output(loss, logits, *self.router_stats(batch.segment_ids > 0, batch.decoder_segment_ids > 0))
 
     def lm_logits(self, h: Tensor) -> Tensor:
@@ -740,10 +747,3 @@ class ROT5(nn.Module):
         attn = 12 * H * Dh * (c.n_encoder_layers * encoder_len * encoder_tokens
                               + c.n_decoder_layers * (decoder_len + encoder_len) * decoder_tokens)
         return float(6 * n_enc * encoder_tokens + 6 * n_dec * decoder_tokens + attn)
-
-
-def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of (B, T, V) logits against (B, T) labels, -100 ignored, in fp32 (bf16 logits lose the
-    small probabilities). reduction="none": (B, T), 0 where ignored."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=-100, reduction=reduction)
-    return loss if reduction == "mean" else loss.view(labels.shape)

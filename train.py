@@ -83,6 +83,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -91,7 +92,7 @@ import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from batch import Batch, check_batch
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
-from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN, lm_loss
+from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from plot import Tracker, check_trackers
 from ul2 import MODES, UL2Batches, continuation_batches
 
@@ -551,8 +552,9 @@ def validation_loss(model: torch.nn.Module, batches, device: torch.device, autoc
         if compiled:
             batch.mark_dynamic()
         with autocast:
-            out = model(batch._replace(labels=None))
-        token_loss = lm_loss(out.logits, batch.labels, reduction="none")           # (B_dec, T), 0 where ignored
+            out = model(batch._replace(labels=None, label_index=None))            # the logits of every position
+        token_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100,
+                                     reduction="none").view(batch.labels.shape)  # (B_dec, T), 0 where ignored
         which = (mode[..., None] == modes) & (batch.labels != -100)[..., None]      # (B_dec, T, n_modes)
         sums[:, 0] += (which * token_loss[..., None]).sum((0, 1))
         sums[:, 1] += which.sum((0, 1))

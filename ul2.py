@@ -75,7 +75,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from batch import Batch, shift_right
+from batch import Batch, label_positions, shift_right
 
 
 class Denoiser(NamedTuple):
@@ -372,20 +372,20 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
     row dec_row[i]. pack=True: several examples per row (T5's trim_and_pack, seqio, with the two sides packed
     apart: pack_rows), and cross_index tells every decoder row which encoder positions hold its examples'
     inputs, in its segment order (-1 after); pack=False: example i alone in row i of each side.
-    Rows are encoder_len / decoder_len long with static_shapes, else as long as the longest row needs, rounded
-    up to a multiple of 8 (cross_index: of 128, FlexAttention's key block, so that no key block is partial).
+    Rows are encoder_len / decoder_len long with static_shapes, else as long as fit_rows finds best (one per row:
+    the longest example), a multiple of 8 (cross_index: of 128, FlexAttention's key block, so that no key block
+    is partial).
     One scatter per array: no per-token Python."""
     n = len(input_lens)
     if pack:
-        (enc_row, enc_at), (dec_row, dec_at) = pack_rows(input_lens, encoder_len), pack_rows(target_lens, decoder_len)
+        (enc_row, enc_at, T_in), (dec_row, dec_at, T_out) = (fit_rows(input_lens, encoder_len, static_shapes),
+                                                             fit_rows(target_lens, decoder_len, static_shapes))
     else:
         enc_row = dec_row = np.arange(n)
         enc_at = dec_at = np.zeros(n, np.int64)
+        T_in, T_out = ((encoder_len, decoder_len) if static_shapes else
+                       (min(encoder_len, _round_up_8(int(input_lens.max()))), min(decoder_len, _round_up_8(int(target_lens.max())))))
     seg = np.arange(1, n + 1)
-    T_in, T_out = encoder_len, decoder_len
-    if not static_shapes:
-        T_in = min(T_in, _round_up_8(int((enc_at + input_lens).max())))
-        T_out = min(T_out, _round_up_8(int((dec_at + target_lens).max())))
     R_in, R_out = int(enc_row.max()) + 1, int(dec_row.max()) + 1
     at_in = np.repeat(enc_row * T_in + enc_at, input_lens) + _ranks(input_lens)       # (N_in,) flat destinations
     at_out = np.repeat(dec_row * T_out + dec_at, target_lens) + _ranks(target_lens)   # (N_out,)
@@ -407,7 +407,25 @@ def pack_examples(inputs: np.ndarray, input_lens: np.ndarray, targets: np.ndarra
         index[np.repeat(dec_row[order] * X + key_at, lens) + _ranks(lens)] = \
             np.repeat((enc_row * T_in + enc_at)[order], lens) + _ranks(lens)
         cross_index = torch.from_numpy(index.reshape(R_out, X))
-    return Batch(enc[0], enc[1], shift_right(labels, dseg, pad_id), dseg, labels, cross_index)
+    return Batch(enc[0], enc[1], shift_right(labels, dseg, pad_id), dseg, labels, cross_index, label_positions(labels))
+
+
+def fit_rows(lengths: np.ndarray, row_len: int, static_shapes: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """pack_rows into rows of row_len (static_shapes: the fixed shapes a compiled step wants), or into the row
+    length that leaves the fewest positions to padding, then computes the fewest attention pairs (R x T^2): a
+    multiple of 8 from the longest item to row_len. A few examples fill long rows badly (4 stories in 256 /
+    128 rows: 77% / 81% real); the best length fills them better (86% / 84%) for 0.3 ms of search.
+    Returns per item its row and offset, and the row length."""
+    if static_shapes:
+        return *pack_rows(lengths, row_len), row_len
+    best = None
+    for T in [*range(_round_up_8(int(lengths.max())), row_len, 8), row_len]:
+        row, at = pack_rows(lengths, T)
+        used = min(row_len, _round_up_8(int((at + lengths).max())))   # (the fullest row may fall short of T)
+        cost = ((int(row.max()) + 1) * used, (int(row.max()) + 1) * used ** 2)
+        if best is None or cost < best[0]:
+            best = cost, row, at, used
+    return best[1], best[2], best[3]
 
 
 def pack_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -236,10 +236,12 @@ def test_loss_is_the_cross_entropy_of_the_label_positions():
     torch.manual_seed(0)
     model = ROT5(tiny(ffn="gated-gelu", tie_embeddings=False)).eval()
     x, am, labels = real_batch()
+    batch = padded_batch(model.cfg, x, am, labels)
     with torch.no_grad():
-        out = model(padded_batch(model.cfg, x, am, labels))
-    assert out.expert_load is None and out.aux_loss.item() == 0.0
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+        out, full = model(batch), model(batch._replace(labels=None, label_index=None))
+    assert out.logits is None and out.expert_load is None and out.aux_loss.item() == 0.0
+    assert torch.equal(batch.label_index, (labels.flatten() != -100).nonzero().squeeze(1))
+    torch.testing.assert_close(out.loss, F.cross_entropy(full.logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
 
 
 def test_shift_right_starts_every_segment():
@@ -332,6 +334,10 @@ def test_bad_inputs_raise_one_line_errors():
     batch = padded_batch(cfg, x, am, labels)
     with pytest.raises(ValueError, match="labels .* and decoder_input_ids .* must have the same shape"):
         check_batch(batch._replace(labels=labels[:, :-1]), cfg)
+    with pytest.raises(ValueError, match="label_index must be label_positions"):
+        check_batch(batch._replace(label_index=batch.label_index[1:]), cfg)
+    with pytest.raises(ValueError, match="label_index without labels"):
+        check_batch(batch._replace(labels=None), cfg)
     model.eval()  # int32 ids work like int64 ones, labels included
     assert model(padded_batch(cfg, x.int(), am, labels.int())).loss.item() == model(batch).loss.item()
     banned = [int(i) for i in generate(model, x, am, max_new_tokens=1)[:, 0]]

@@ -197,7 +197,7 @@ def test_no_token_attends_across_segments(docs_tok, variant, attention):
     _, packed = pair(docs, tok)
     k = crowded_example(packed)
     sdpa, model = model_for(tok, "sdpa", **VARIANTS[variant]).eval(), model_for(tok, attention, **VARIANTS[variant]).eval()
-    logits = lambda m, b: m(b._replace(labels=None)).logits
+    logits = lambda m, b: m(b._replace(labels=None, label_index=None)).logits
     with torch.no_grad():
         sdpa = logits(sdpa, packed)
         a, b = logits(model, packed), logits(model, perturb_one_example(packed, k))
@@ -216,7 +216,7 @@ def test_compiled_flex_attention_equals_eager_sdpa(docs_tok):
     _, packed = pair(docs, tok, n=6, enc=256, dec=128)
     k = crowded_example(packed)
     eager, flex = model_for(tok, "sdpa", n_kv_heads=2).eval(), model_for(tok, "flex", n_kv_heads=2).eval()
-    args = lambda b: b._replace(labels=None)
+    args = lambda b: b._replace(labels=None, label_index=None)
     with torch.no_grad():
         eager = eager(args(packed)).logits
         compiled = torch.compile(flex, fullgraph=True)
@@ -330,7 +330,8 @@ def test_flex_attention_on_one_example_per_row_equals_sdpa(docs_tok, variant):
     docs, tok = docs_tok
     plain, _ = pair(docs, tok, n=4)
     with torch.no_grad():
-        sdpa = model_for(tok, "sdpa", **VARIANTS[variant]).eval()(plain).logits
-        flex = model_for(tok, "flex", **VARIANTS[variant]).eval()(plain).logits
+        rows = plain._replace(labels=None, label_index=None)
+        sdpa = model_for(tok, "sdpa", **VARIANTS[variant]).eval()(rows).logits
+        flex = model_for(tok, "flex", **VARIANTS[variant]).eval()(rows).logits
     real = plain.labels != -100
     torch.testing.assert_close(flex[real], sdpa[real], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
-from batch import Batch  # noqa: E402
+from batch import Batch, label_positions  # noqa: E402
 from model import ROT5, ROT5Config  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 from ul2 import UL2Batches, continuation_batches  # noqa: E402
@@ -258,6 +258,7 @@ def test_validation_loss_per_mode(sample_data):
                 rows = b.input_ids[:, 0] == tok.mode_ids[m]
                 if rows.any():
                     sub = Batch(*(t[rows] for t in b[:5]))
+                    sub = sub._replace(label_index=label_positions(sub.labels))
                     n = int((sub.labels != -100).sum())
                     loss_sum[m], n_mode[m] = loss_sum[m] + float(model(sub).loss) * n, n_mode[m] + n
     got = train.validation_loss(model, packed, torch.device("cpu"), contextlib.nullcontext(), False, tok.mode_ids)
