@@ -411,7 +411,17 @@ def init_process_group(backend: str, rank: int, world: int) -> None:
     the restarted workers read them, connect to processes that no longer exist and fail in gloo's
     connectFullMesh ("Connection refused"), using up --max-restarts (reproduced with torch 2.13, 2 CPU
     workers, --max-restarts=1, one worker killed before init_process_group). A prefix per attempt
-    (TORCHELASTIC_RESTART_COUNT) never sees the old keys."""
+    (TORCHELASTIC_RESTART_COUNT) never sees the old keys.
+
+    torch.distributed.nn is imported first: its functions take `group=group.WORLD` as a default argument,
+    evaluated when the module is imported, and DDP's constructor imports it (through torch._dynamo). Imported
+    after the group exists, those defaults hold the group for good: destroy_process_group() cannot free it,
+    and gloo's worker and network threads (pt_gloo_runloop, gloo_tcp_loop) run on while the interpreter shuts
+    down, which on a loaded machine ended a finished run in "terminate called without an active exception"
+    (SIGABRT; checked with torch 2.13: those threads outlive destroy_process_group unless this import comes
+    first)."""
+    import torch.distributed.nn  # noqa: F401 - before the group exists (above)
+
     store, _, _ = next(dist.rendezvous("env://", rank, world))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"rot5/attempt_{attempt}", store), rank=rank,
