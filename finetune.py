@@ -35,8 +35,10 @@ free text generated left to right, with no sentinels, so [S]. The short T5-style
 2020, sec. 2.4) follows the mode token so a summarize input never looks like a plain story to continue:
 the same checkpoint can still be asked (by sample.py) to continue a story, and other tasks can be added later.
 
-Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
-metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
+Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation, every save_interval
+steps and when a signal stops the run: SIGTERM, SIGUSR1 or Ctrl-C finish the current step first), ckpt.prev.pt
+(the checkpoint before it, which --resume=True falls back to when ckpt.pt is damaged), run.lock (a second run on
+the same out_dir is refused while this one goes on), metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
 and predictions.jsonl (story, reference, prediction of the last evaluation). A new run refuses an out_dir
 that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
 uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
@@ -68,10 +70,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from rouge_score import rouge_scorer
 
+import preempt
 import prepare
-from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
-                        resume_run, save_checkpoint)
+from checkpoint import (RunLock, check_start, load_model, log_event, random_states, remove_run_temps, restart_log,
+                        resume_hint, resume_run, save_checkpoint)
 from configurator import check_ranges, configure
+from diskio import check_out_dir
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples
@@ -96,6 +100,7 @@ DEFAULTS: dict = dict(
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
     pack=True,                          # several pairs per training row (ul2.pack_examples): no compute on padding
     eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
+    save_interval=0,                    # steps between checkpoints besides the evaluations' (0: none)
     eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
     eval_batch_size=64,
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
@@ -112,11 +117,24 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 
 
 def main(argv: list[str]) -> dict:
+    """Fine-tune with the config from argv; returns the last evaluation. SIGTERM / SIGUSR1 / Ctrl-C stop the run
+    after its current step with a checkpoint (preempt.py); out_dir is locked while it runs (checkpoint.RunLock)."""
+    lock = RunLock()
+    try:
+        with preempt.handled() as stop:
+            return run(argv, stop, lock)
+    finally:
+        lock.release()
+
+
+def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
     cfg = configure(DEFAULTS, argv)
     check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
                                 "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
                                 "max_bad_steps"),
-                 non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
+                 non_negative=("train_pairs", "weight_decay", "grad_clip", "save_interval"),
+                 fractions=("warmup_frac", "dropout"))
+    check_out_dir(cfg["out_dir"])
     if cfg["decoder_len"] < 2:  # 1 would train the model to answer every story with eos alone
         raise SystemExit(f"--decoder_len={cfg['decoder_len']} leaves no room for a summary before the eos: it must be >= 2")
     device = resolve_device(cfg["device"])
@@ -124,6 +142,7 @@ def main(argv: list[str]) -> dict:
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    lock.claim(cfg["out_dir"], make=False)  # a run going on in out_dir already: refused at once
     check_start(ckpt_path, cfg["resume"])  # never overwrite a fine-tuned model by starting again
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
@@ -171,7 +190,7 @@ def main(argv: list[str]) -> dict:
     order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
 
     # every setting and input checked: only now is out_dir made (a mistake above leaves nothing behind)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    lock.claim(cfg["out_dir"])  # (makes out_dir)
     remove_run_temps(cfg["out_dir"])
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     start_step, truncated, last_eval = 0, 0, {}  # truncated: training stories cut to encoder_len so far
@@ -181,14 +200,22 @@ def main(argv: list[str]) -> dict:
         print(f"resuming {ckpt_path} at step {start_step}")
     restart_log(metrics_path, start_step if cfg["resume"] else None)
     bad_in_a_row = 0  # non-finite steps in a row
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+            "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
+            "rng": random_states(), "metrics": {**last_eval, "train_truncated": truncated}})
+
     since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
     positions = [0, 0, 0, 0]  # encoder real tokens, encoder positions, decoder likewise, since the last log
     t_log = time.perf_counter()
+    stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     model.train()
     for step in range(start_step, steps + 1):  # step = optimizer updates done so far
         # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
-        # (a resumed run's first step was evaluated and saved before the interruption)
-        if (step % cfg["eval_interval"] == 0 or step == steps) and not (cfg["resume"] and step == start_step):
+        # (unless this step's checkpoint, which a resumed run starts from, holds its evaluation)
+        if (step % cfg["eval_interval"] == 0 or step == steps) and last_eval.get("step") != step:
             t_eval = time.perf_counter()
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
@@ -197,10 +224,7 @@ def main(argv: list[str]) -> dict:
             print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
                   f"{last_eval['val_truncated']} stories cut to encoder_len={cfg['encoder_len']}")
-            save_checkpoint(ckpt_path, {
-                "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
-                "rng": random_states(), "metrics": last_eval})
+            save(step)
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
         if step == steps:
             break
@@ -239,7 +263,7 @@ def main(argv: list[str]) -> dict:
             print(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
             if bad_in_a_row >= cfg["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; "
-                                 f"{cfg['out_dir']}/ckpt.pt holds the last evaluated state. Lower learning_rate "
+                                 f"{ckpt_path} holds the last saved state. Lower learning_rate "
                                  "or check the data")
 
         if ((step + 1) % cfg["log_interval"] == 0 or step + 1 == steps) and since_log["steps"]:
@@ -253,6 +277,15 @@ def main(argv: list[str]) -> dict:
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
                   f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec")
             since_log, t_log, positions = dict.fromkeys(since_log, 0.0), time.perf_counter(), [0, 0, 0, 0]
+
+        # a signal or save_interval: a checkpoint at this step, unless the next pass evaluates and saves it anyway
+        done = step + 1
+        stopping = done < steps and stop.requested()
+        evaluated = done % cfg["eval_interval"] == 0 or done == steps
+        if stopping or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and not evaluated):
+            save(done)
+        if stopping:
+            raise stop.stopped(done, f"saved {ckpt_path} at that step", "continue with the same command and --resume=True")
 
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
           f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "

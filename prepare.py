@@ -80,7 +80,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diskio import atomic_write, remove_stale_temps
+from diskio import atomic_write, check_out_dir, first_line, remove_stale_temps
 from tokenizer import Tokenizer, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -194,12 +194,58 @@ def load_meta(data_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): run `{_run_hint(data_dir)}` again") from None
+    except (ValueError, OSError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors; a directory...)
+        raise ValueError(f"{path} is not valid JSON ({first_line(e)}): run `{_run_hint(data_dir)}` again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {json_type(meta)}, not the object prepare.py writes: "
+                         f"run `{_run_hint(data_dir)}` again")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is format {meta.get('format')}, this prepare.py reads format {FORMAT}: "
                          f"run `{_run_hint(data_dir)}` again")
+    _check_meta(meta, path, f"run `{_run_hint(data_dir)}` again")
     return meta
+
+
+# What readers use of meta.json, with the JSON type each must have (prepare() writes them all): an edited or
+# cut meta.json is one line naming the key, not a KeyError wherever the key is first used.
+META_KEYS = {"dataset": str, "tokenizer": str, "tokenizer_sha256": str, "vocab_size": int, "eos_id": int,
+             "pad_id": int, "mode_ids": dict, "sentinel_ids": list, "instruct": bool, "sources": list, "splits": dict}
+SPLIT_KEYS = {"documents": int, "tokens": int}
+PAIR_KEYS = {"pairs": int, "story_tokens": int, "summary_tokens": int}
+SOURCE_KEYS = {"split": str, "sha256": str, "start": int, "stop": int}
+
+
+def _check_meta(meta: dict, path: str, fix: str) -> None:
+    def check(obj, keys: dict, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: {where.rstrip('.')} is a JSON {json_type(obj)}, not an object: the file was "
+                             f"edited or damaged; {fix}")
+        for key, kind in keys.items():
+            value = obj.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                got = "it is missing" if key not in obj else f"it is {value!r}"
+                raise ValueError(f"{path}: {where}{key} must be a JSON {json_type(kind())} ({got}): the file was "
+                                 f"edited or damaged; {fix}")
+
+    check(meta, META_KEYS, "")
+    for split, counts in meta["splits"].items():
+        check(counts, SPLIT_KEYS, f"splits.{split}.")
+        if "pairs" in counts:
+            check(counts["pairs"], PAIR_KEYS, f"splits.{split}.pairs.")
+    for i, source in enumerate(meta["sources"]):
+        check(source, SOURCE_KEYS, f"sources[{i}].")
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    return {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}[type(value)]
+
+
+def split_counts(data_dir: str, split: str) -> dict:
+    """meta.json's counts of one split (documents, tokens, ...), or one line if there is no such split."""
+    return _split_meta(data_dir, split)[1]
 
 
 def _split_meta(data_dir: str, split: str) -> tuple[dict, dict]:
@@ -208,7 +254,7 @@ def _split_meta(data_dir: str, split: str) -> tuple[dict, dict]:
                          f"finish): run `{_run_hint(data_dir)}` first")
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
-        raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): "
+        raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits']) or 'none'}): "
                          f"run `{_run_hint(data_dir)}` first")
     return meta, meta["splits"][split]
 
@@ -620,7 +666,8 @@ def resolve_sources(dataset: str, train: str | None, val: str | None) -> tuple[l
         train, val = download(repo, train_name), download(repo, val_name)
     for p in (train, val):
         if not os.path.isfile(p):
-            raise ValueError(f"{p} does not exist: pass the path of a TinyStories .txt file")
+            raise ValueError(f"{p} {'is a directory' if os.path.isdir(p) else 'does not exist'}: pass the path of a "
+                             "TinyStories .txt file")
     return [{"split": "train", "path": os.path.abspath(train), "start": 0, "stop": os.path.getsize(train)},
             {"split": "val", "path": os.path.abspath(val), "start": 0, "stop": os.path.getsize(val)}], instruct
 
@@ -735,6 +782,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", default="mistral",
                     help="mistral (default), gpt2, or t5:HUB_ID_OR_DIR: T5's spiece.model, e.g. t5:google/flan-t5-base")
     a = ap.parse_args(argv)
+    cpus = max(default_workers(), os.cpu_count() or 1)
+    if not 1 <= a.workers <= cpus:  # each worker tokenizes on one CPU: more of them only cost memory
+        raise SystemExit(f"prepare.py: --workers {a.workers} must be between 1 and this machine's {cpus} CPUs")
+    if a.out_dir is not None:
+        check_out_dir(a.out_dir, "--out-dir")
     try:
         prepare(a.dataset, a.out_dir, a.train, a.val, a.workers, a.tokenizer)
     except (ValueError, OSError) as e:

@@ -32,6 +32,7 @@ message gives the largest budget that fits (check_budget).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -46,6 +47,9 @@ from tokenizer import Tokenizer
 from train import resolve_device
 
 DEFAULT_ENCODER_LEN = 512  # T5's pre-training input length, for checkpoints whose config does not say
+# Sampling divides the fp32 logits by the temperature: with logits below 3e8 in size (a model's are far
+# smaller) this keeps them under fp32's largest value, 3.4e38; inf there would make every probability NaN.
+TEMPERATURE_MIN = 1e-30
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -134,12 +138,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: give prompts with --prompt or --prompt-file, not both")
     if not args.prompt and not args.prompt_file:
         raise SystemExit("error: no prompt: pass --prompt TEXT, --prompt - (stdin) or --prompt-file FILE")
-    if args.temperature is not None and args.temperature <= 0:
-        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}); for greedy decoding drop --do-sample")
+    if args.temperature is not None and not TEMPERATURE_MIN <= args.temperature < math.inf:
+        raise SystemExit(f"error: --temperature must be > 0: a finite number from {TEMPERATURE_MIN:g} up (got "
+                         f"{args.temperature}); for greedy decoding drop --do-sample")
     if args.top_k is not None and args.top_k < 1:
         raise SystemExit(f"error: --top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise SystemExit(f"error: --top-p must be in (0, 1] (got {args.top_p})")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        raise SystemExit(f"error: --seed must be in [-2**63, 2**64) (got {args.seed})")
     for name in ("max_new_tokens", "num_beams", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

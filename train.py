@@ -38,7 +38,10 @@ A full disk, a damaged shard or a bad setting ends the run with one line and the
 (README.md, "What survives what").
 
 Outputs in out_dir:
-    ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
+    ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation, every
+                   save_interval steps, and when a signal stops the run (preempt.py)
+    ckpt.prev.pt   the checkpoint before it (resuming falls back to it when ckpt.pt is damaged)
+    run.lock       held while the run goes on (a second run on this out_dir is refused; checkpoint.RunLock)
     metrics.jsonl  one JSON object per event, for plots:
         {"event": "train", "step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm",
          "tok_per_s", "mfu" (null if the peak is unknown), "enc_real" / "dec_real" (the fraction of encoder /
@@ -79,10 +82,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import preempt
 import prepare
 import ul2
-from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
+from checkpoint import (RunLock, check_start, checkpoint_exists, log_event, new_model, random_states, remove_run_temps,
+                        restart_log, resume_run, save_checkpoint)
 from configurator import check_ranges, configure
+from diskio import check_out_dir
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from ul2 import MODES, Batch, UL2Batches, continuation_batches
 
@@ -92,6 +98,7 @@ from ul2 import MODES, Batch, UL2Batches, continuation_batches
 out_dir = "out/pretrain"
 log_interval = 10         # steps between "train" events
 eval_interval = 500       # steps between evaluations on the fixed validation subset (and checkpoints)
+save_interval = 0         # steps between checkpoints besides the evaluations' (0: none): bounds what a crash costs
 eval_docs = 500           # size of that subset: the first eval_docs validation documents (the seed: 500)
 eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
                           # so keep it equal across the variants you compare
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
             tokens = float(value)
         except ValueError:
             tokens = 0.0
-        if not tokens > 0:
-            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget > 0, e.g. 1.37e9)")
+        if not 0 < tokens < math.inf:
+            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a finite data budget > 0, e.g. 1.37e9)")
         print_chinchilla(tokens)
         return {}
     model_defaults = asdict(ROT5Config())
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = configure({**TRAIN_DEFAULTS, **model_defaults}, argv)
     check_ranges(config, positive=("log_interval", "eval_interval", "eval_docs", "eval_batch_size", "encoder_len",
                                    "decoder_len", "batch_size", "micro_batch_size", "learning_rate", "max_bad_steps"),
-                 non_negative=("epochs", "max_tokens", "weight_decay", "grad_clip", "peak_flops"),
+                 non_negative=("save_interval", "epochs", "max_tokens", "weight_decay", "grad_clip", "peak_flops"),
                  fractions=("warmup_frac", "beta1", "beta2"))
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
@@ -171,18 +178,27 @@ def main(argv: list[str] | None = None) -> dict:
                          "takes GPU LOCAL_RANK)")
     device = resolve_device(config["device"], local_rank)
     resolve_dtype(config["dtype"], device)  # a wrong value is one line here, before any work
+    check_out_dir(config["out_dir"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
-    try:
-        return train(config, model_cfg, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    # SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint after the current step, then stop (preempt.py). One run per
+    # out_dir (checkpoint.RunLock, held by rank 0): a run going on in it already is refused here, at once.
+    lock = RunLock(tqdm.write)
+    with preempt.handled(say_on_signal=rank == 0) as stop:
+        try:
+            if rank == 0:
+                lock.claim(config["out_dir"], make=False)
+            if world > 1:
+                init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+            return train(config, model_cfg, rank, world, device, stop, lock)
+        finally:
+            lock.release()
+            if world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device) -> dict:
+def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device, stop: preempt.Stop,
+          lock: RunLock) -> dict:
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
@@ -241,7 +257,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
 
     # -- model and optimizer ----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = ROT5(model_cfg).to(device)
+    raw_model = new_model(model_cfg, device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -253,7 +269,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # -- resume -----------------------------------------------------------------------------------------
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.exists(ckpt_path)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoint_exists(ckpt_path)
     resuming = [cfg.resume or restarted]
     if ddp:  # rank 0 decides; a rank that cannot see its checkpoint (no shared out_dir) then fails clearly
         dist.broadcast_object_list(resuming, src=0)
@@ -262,10 +278,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     check_start(ckpt_path, resuming[0])
     start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
     if resuming[0]:
-        start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say)
+        start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say, master)
         tokens_seen, saved_step = last_eval["tokens"], start_step
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock.claim(cfg.out_dir)  # (makes out_dir)
         remove_run_temps(cfg.out_dir, say)
         restart_log(metrics_path, start_step if resuming[0] else None, say)
 
@@ -303,6 +319,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         say(f"step 0: {eval_line(last_eval)}")
 
     # -- the loop ---------------------------------------------------------------------------------------
+    stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     train_model.train()
     bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
     n_moe = sum(isinstance(m, SwitchFFN) for m in raw_model.modules())
@@ -399,6 +416,17 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 say(f"final: {eval_line(full)} on the full validation split ({len(val_docs):,} documents)")
             save(done)
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+
+        # a signal (on any rank) or save_interval: a checkpoint at this step, unless the evaluation wrote it
+        stopping = done < max_steps and stop.requested(device if ddp else None)
+        if saved_step != done and (stopping or cfg.save_interval and done % cfg.save_interval == 0):
+            save(done)
+        if stopping:
+            bar.close()
+            if ddp:
+                dist.barrier()  # every rank waits for rank 0's save: torchrun stops the others when one exits
+            raise stop.stopped(done, f"saved {ckpt_path} at that step",
+                               "continue with the same command and --resume=True")
     bar.close()
     return {**last_eval, "max_steps": max_steps}
 

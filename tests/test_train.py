@@ -478,10 +478,14 @@ def tiny_checkpoint(step: int) -> dict:
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
+    """A save replaces ckpt.pt whole and keeps the checkpoint it replaces as ckpt.prev.pt; a save that fails at
+    any point leaves both as they were."""
+    path, prev = str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.prev.pt")
     checkpoint.save_checkpoint(path, tiny_checkpoint(1))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
     checkpoint.save_checkpoint(path, tiny_checkpoint(2))
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+    assert checkpoint.load_checkpoint(path)["step"] == 2 and checkpoint.load_checkpoint(prev)["step"] == 1
 
     real_save = torch.save
 
@@ -493,7 +497,8 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.save_checkpoint(path, tiny_checkpoint(3))
     monkeypatch.setattr(torch, "save", real_save)
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+    assert checkpoint.load_checkpoint(path)["step"] == 2 and checkpoint.load_checkpoint(prev)["step"] == 1
 
 
 def test_checkpoint_load_errors(tmp_path):

@@ -1,0 +1,110 @@
+"""Stopping a run on a signal without losing its work: SIGTERM (what SLURM, Kubernetes and torchrun send before they
+kill a job), SIGUSR1 (what SLURM can send ahead of a time limit: `sbatch --signal=USR1@120`) and SIGINT (Ctrl-C).
+
+    with preempt.handled() as stop:      # around a whole run (train.py, finetune.py, ablation.py)
+        ...                              # before the first optimizer step a signal stops the run at once:
+        stop.defer()                     # nothing is lost; from here on it only asks the loop to stop, and
+        for step in ...:                 # at the end of every optimizer step the loop asks
+            ...
+            if stop.requested(): save a checkpoint at this step, then raise stop.stopped(...)
+
+so the step in progress is finished and saved, never cut off. Under torchrun every rank asks
+`stop.requested(ddp_device)`, an all-reduce (max) of the signal over the ranks: a signal that reaches one rank
+stops them all after the same step (otherwise one would stop and the others wait in its next all-reduce).
+
+A second signal does not stop the run harder: Ctrl-C under torchrun reaches every worker twice (from the
+terminal and from torchrun, which forwards it), as SIGTERM does under SLURM. `kill -9` stops it at once, and
+the checkpoints are written so that even that loses nothing but the steps since the last one.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None)
+
+
+class Stopped(SystemExit):
+    """The run stopped on a signal: one line for the user (a SystemExit, so no traceback), exit status 1.
+    `what` says what happened and what was kept, `resume` how to go on (a caller that runs the script, like
+    ablation.py, replaces it with its own); quiet: no line (the ranks of torchrun other than 0)."""
+
+    def __init__(self, what: str, resume: str = "", quiet: bool = False):
+        self.what, self.resume = what, resume
+        super().__init__(1 if quiet else what + (f"; {resume}" if resume else ""))
+
+
+class Stop:
+    """The signals a run received, and what it does with them (see the module docstring)."""
+
+    def __init__(self, say_on_signal: bool = True):
+        self.signal = 0           # the first signal received (0: none)
+        self.deferred = False     # False: a signal stops the run at once; True: at the end of the step
+        self.say = say_on_signal  # write a line when a signal arrives (torchrun: rank 0 only)
+
+    def defer(self) -> None:
+        """From now on a signal only asks the loop to stop after its current step (there is work to save)."""
+        self.deferred = True
+
+    def handle(self, signum: int, frame) -> None:
+        first = not self.signal
+        self.signal = self.signal or signum
+        if not self.deferred:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} with no optimizer step under way: nothing is "
+                          "lost", quiet=not self.say)
+        if first and self.say:  # os.write: print() from a signal handler can collide with a print in progress
+            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this optimizer step, then "
+                                          "saving a checkpoint and stopping\n".encode())
+
+    def requested(self, device: torch.device | None = None) -> bool:
+        """Whether a signal asked the run to stop. device: under torchrun, where the all-reduce runs (cpu for
+        gloo, the GPU for nccl): then any rank's signal counts on every rank."""
+        if device is not None:
+            import torch.distributed as dist
+
+            flag = torch.tensor([self.signal], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signal = int(flag.item())
+        return bool(self.signal)
+
+    def stopped(self, step: int, saved: str, resume: str) -> Stopped:
+        """The one line a stopped run exits with: the signal, the step, what was saved and how to go on."""
+        return Stopped(f"stopped by {signal.Signals(self.signal).name} after step {step}: {saved}", resume,
+                       quiet=not self.say)
+
+
+_active: Stop | None = None  # the Stop of the outermost handled() in this process
+
+
+@contextmanager
+def handled(say_on_signal: bool = True) -> Iterator[Stop]:
+    """Handle SIGNALS for the block (restoring the previous handlers after it). Nested blocks (ablation.py
+    calling train.main) share the outer one's Stop. Outside the main thread, where Python cannot install
+    handlers, the signals keep their default actions."""
+    global _active
+    if _active is not None:
+        deferred = _active.deferred
+        try:
+            yield _active
+        finally:  # back in the outer block (between ablation.py's runs) a signal stops at once again
+            _active.deferred = deferred
+        return
+    import threading
+
+    stop = Stop(say_on_signal)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, stop.handle) for s in SIGNALS}
+    _active = stop
+    try:
+        yield stop
+    finally:
+        _active = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
