@@ -136,13 +136,13 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                          "file: pass the path of a ckpt.pt (or an export directory to sample.py / finetune.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # never quote its advice to load the file unsafely
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never quote it
+        if "unsupported global" in str(e).lower():
             raise SystemExit(f"{path} is not a readable checkpoint: it holds Python objects other than tensors and "
                              "plain values, which a ROT5 checkpoint never does, so it was not loaded (nothing in it "
                              f"ran); {_instead(path)}") from None
-        raise SystemExit(f"{path} is not a readable checkpoint (not a PyTorch file: {first_line(e)[:120]}); "
-                         f"{_instead(path)}") from None
+        raise SystemExit(f"{path} is not a readable checkpoint: its contents are not a pickle PyTorch reads (cut short, "
+                         f"damaged, or not a checkpoint); {_instead(path)}") from None
     except Exception as e:  # truncated file, not a torch file at all, a read error, ...
         raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:160]}): it was cut "
                          f"short, damaged, or written by another program; {_instead(path)}") from None

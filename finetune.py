@@ -75,7 +75,7 @@ import prepare
 from checkpoint import (RunLock, check_start, load_model, log_event, random_states, remove_run_temps, restart_log,
                         resume_hint, resume_run, save_checkpoint)
 from configurator import check_ranges, configure
-from diskio import check_out_dir
+from diskio import check_out_dir, human
 from tokenizer import Tokenizer
 from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
 from ul2 import pack_examples
@@ -169,6 +169,7 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
         raise SystemExit(str(e)) from None
     n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
     n_val = min(cfg["eval_pairs"], len(val_pairs))
+    check_eval_memory(model, cfg, n_val, device)
     if cfg["batch_size"] % cfg["micro_batch_size"]:
         raise SystemExit(f"batch_size={cfg['batch_size']} is not a multiple of micro_batch_size={cfg['micro_batch_size']}: "
                          "change one of them")
@@ -364,6 +365,20 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
                "lead1_rougeL": rouge_l([lead_sentence(r["story"]) for r in rows], refs),
                "num_beams": cfg["num_beams"], "n_eval": len(rows), "val_truncated": cut}
     return metrics, rows
+
+
+def check_eval_memory(model: torch.nn.Module, cfg: dict, n_val: int, device: torch.device) -> None:
+    """The evaluation generates summaries of eval_batch_size stories at a time with num_beams beams for up to
+    decoder_len tokens: one line, before any training, if that cannot fit (sample.py's estimate and rule)."""
+    from sample import available_memory, generation_bytes  # (sample.py imports this module)
+
+    rows = max(1, min(cfg["eval_batch_size"], n_val))
+    need = generation_bytes(model.cfg, rows, cfg["encoder_len"], cfg["num_beams"], cfg["decoder_len"])
+    free = available_memory(device)
+    if need > free // 2:
+        raise SystemExit(f"--num_beams={cfg['num_beams']} x --eval_batch_size={rows} x --decoder_len={cfg['decoder_len']} "
+                         f"needs {human(need)} to generate the evaluation's summaries, over half of the {human(free)} "
+                         f"free on {device}: lower --eval_batch_size or --num_beams")
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

@@ -57,9 +57,9 @@ class Stop:
         if not self.deferred:
             raise Stopped(f"stopped by {signal.Signals(signum).name} with no optimizer step under way: nothing is "
                           "lost", quiet=not self.say)
-        if first and self.say:  # os.write: print() from a signal handler can collide with a print in progress
-            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this optimizer step, then "
-                                          "saving a checkpoint and stopping\n".encode())
+        if first and self.say:
+            say_now(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then saving a checkpoint and "
+                    "stopping\n")
 
     def requested(self, device: torch.device | None = None) -> bool:
         """Whether a signal asked the run to stop. device: under torchrun, where the all-reduce runs (cpu for
@@ -76,6 +76,18 @@ class Stop:
         """The one line a stopped run exits with: the signal, the step, what was saved and how to go on."""
         return Stopped(f"stopped by {signal.Signals(self.signal).name} after step {step}: {saved}", resume,
                        quiet=not self.say)
+
+
+def say_now(text: str) -> None:
+    """Write to stderr from a signal handler: os.write on its file descriptor, as print() could interrupt a
+    print in progress on the same buffer (RuntimeError: reentrant call); a stderr without one (a test's capture)
+    is Python code, where writing is safe."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both an OSError and a ValueError)
+        sys.stderr.write(text)
+        return
+    os.write(fd, text.encode())
 
 
 _active: Stop | None = None  # the Stop of the outermost handled() in this process
