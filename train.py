@@ -16,6 +16,8 @@ Usage
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/rot5_mini.py
     python train.py config/rot5_mini.py --micro_batch_size=32 --compile=True   # override any key
     python train.py config/rot5_mini.py --resume=True                         # continue out_dir/ckpt.pt
+    # preemption: SIGTERM, SIGUSR1 or Ctrl-C finish the current step, save it and stop with one line (preempt.py);
+    # --save_interval=N also saves every N steps between evaluations
     python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
 
 Config: the defaults below, then config files, then --key=value (configurator.py: type-checked, unknown
@@ -34,8 +36,8 @@ little from one micro-batch to the next (under --compile they are marked dynamic
 the training step once, with symbolic sizes: checked on the CPU, compiled loss == eager loss to 1e-7); the
 loss is the same token-weighted mean over the same examples, so pack=False (one example per row) trains the
 same model, slower.
-A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
-(README.md, "What survives what").
+A full disk, a damaged shard, a damaged checkpoint, a second run on the same out_dir or a bad setting ends the run
+with one line and the last checkpoint intact (README.md, "What survives what").
 
 Outputs in out_dir:
     ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation, every

@@ -24,7 +24,6 @@ import ablation  # noqa: E402
 import checkpoint  # noqa: E402
 import diskio  # noqa: E402
 import finetune  # noqa: E402
-import preempt  # noqa: E402
 import prepare  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -319,6 +318,8 @@ def test_a_second_run_on_a_locked_out_dir_is_refused_and_kill_9_frees_it(tmp_pat
 def test_ablation_says_to_run_the_same_command_again_when_stopped(monkeypatch):
     """A signal that stops a run inside ablation.py: the line keeps what was saved and says how the study goes
     on (the same ablation.py command), not the inner script's --resume=True."""
+    import preempt
+
     def stopped(argv):
         raise preempt.Stopped("stopped by SIGTERM after step 3: saved out/x/ckpt.pt at that step",
                               "continue with the same command and --resume=True")
