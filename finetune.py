@@ -38,11 +38,11 @@ the same checkpoint can still be asked (by sample.py) to continue a story, and o
 Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation, every save_interval
 steps and when a signal stops the run: SIGTERM, SIGUSR1 or Ctrl-C finish the current step first), ckpt.prev.pt
 (the checkpoint before it, which --resume=True falls back to when ckpt.pt is damaged), run.lock (a second run on
-the same out_dir is refused while this one goes on), metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL)
-and predictions.jsonl (story, reference, prediction of the last evaluation). A new run refuses an out_dir
-that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
-uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
-the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
+the same out_dir is refused while this one goes on), metrics.jsonl (one JSON object per log/eval event; eval
+events carry val_loss, rougeL and lead1_rougeL) and predictions.jsonl (story, reference, prediction of the last
+evaluation). A new run refuses an out_dir that holds a checkpoint; `--resume=True` continues it from its last
+checkpoint and trains exactly as an uninterrupted run would (weights, AdamW state, random generators, pair
+order); a log interval that straddles the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
 any MoE losses), "lm_loss" (comparable with val_loss) and grad_norm, averaged over the updates since the last one,
 and "enc_real" / "dec_real", the fraction of row positions that hold real tokens: training packs several pairs
 per row (pack=True; ul2.pack_examples), with the same loss over the same tokens as one pair per row.
@@ -161,7 +161,7 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
     # pins the model file (sha256) and the special ids
     if meta["tokenizer"].split(":")[0] != tok.name.split(":")[0]:
         raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} but {cfg['init_from']} uses {tok.name!r}: "
-                         f"run `python prepare.py {meta['dataset']} --tokenizer {tok.name} --out-dir DIR` into another "
+                         f"run `python prepare.py {meta.get('dataset', 'DATASET')} --tokenizer {tok.name} --out-dir DIR` into another "
                          "directory and pass its name as --dataset")
     try:
         prepare.check_tokenizer(data_dir, tok)  # and the same special ids and vocabulary

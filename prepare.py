@@ -206,21 +206,25 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 
-# What readers use of meta.json, with the JSON type each must have (prepare() writes them all): an edited or
-# cut meta.json is one line naming the key, not a KeyError wherever the key is first used.
-META_KEYS = {"dataset": str, "tokenizer": str, "tokenizer_sha256": str, "vocab_size": int, "eos_id": int,
-             "pad_id": int, "mode_ids": dict, "sentinel_ids": list, "instruct": bool, "sources": list, "splits": dict}
+# What readers use of meta.json, with the JSON type each must have: an edited or cut meta.json is one line naming
+# the key, not a KeyError or AttributeError wherever the key is first used. The readers index META_KEYS; the
+# OPTIONAL_KEYS they compare or report only when present (prepare() writes them all).
+META_KEYS = {"tokenizer": str, "eos_id": int, "pad_id": int, "splits": dict}
+OPTIONAL_KEYS = {"dataset": str, "tokenizer_sha256": str, "vocab_size": int, "base_vocab_size": int, "mode_ids": dict,
+                 "sentinel_ids": list, "instruct": bool, "sources": list, "shard_sha256": dict}
 SPLIT_KEYS = {"documents": int, "tokens": int}
 PAIR_KEYS = {"pairs": int, "story_tokens": int, "summary_tokens": int}
 SOURCE_KEYS = {"split": str, "sha256": str, "start": int, "stop": int}
 
 
 def _check_meta(meta: dict, path: str, fix: str) -> None:
-    def check(obj, keys: dict, where: str) -> None:
+    def check(obj, keys: dict, where: str, optional: bool = False) -> None:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: {where.rstrip('.')} is a JSON {json_type(obj)}, not an object: the file was "
                              f"edited or damaged; {fix}")
         for key, kind in keys.items():
+            if optional and key not in obj:
+                continue
             value = obj.get(key)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 got = "it is missing" if key not in obj else f"it is {value!r}"
@@ -228,11 +232,12 @@ def _check_meta(meta: dict, path: str, fix: str) -> None:
                                  f"edited or damaged; {fix}")
 
     check(meta, META_KEYS, "")
+    check(meta, OPTIONAL_KEYS, "", optional=True)
     for split, counts in meta["splits"].items():
         check(counts, SPLIT_KEYS, f"splits.{split}.")
         if "pairs" in counts:
             check(counts["pairs"], PAIR_KEYS, f"splits.{split}.pairs.")
-    for i, source in enumerate(meta["sources"]):
+    for i, source in enumerate(meta.get("sources", [])):
         check(source, SOURCE_KEYS, f"sources[{i}].")
 
 
@@ -746,7 +751,7 @@ def _up_to_date(out_dir: str, meta: dict) -> bool:
         print(f"rebuilding {out_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return False
     key = ("format", "dataset", "tokenizer", "tokenizer_sha256", "vocab_size")
-    same_sources = [(s["split"], s["sha256"], s["start"], s["stop"]) for s in old["sources"]] == \
+    same_sources = [(s["split"], s["sha256"], s["start"], s["stop"]) for s in old.get("sources", [])] == \
                    [(s["split"], s["sha256"], s["start"], s["stop"]) for s in meta["sources"]]
     return same_sources and all(old.get(k) == meta[k] for k in key)
 

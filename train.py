@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError:
             tokens = 0.0
         if not 0 < tokens < math.inf:
-            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a finite data budget > 0, e.g. 1.37e9)")
+            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget > 0, finite, e.g. 1.37e9)")
         print_chinchilla(tokens)
         return {}
     model_defaults = asdict(ROT5Config())
@@ -447,9 +447,9 @@ def init_process_group(backend: str, rank: int, world: int) -> None:
     evaluated when the module is imported, and DDP's constructor imports it (through torch._dynamo). Imported
     after the group exists, those defaults hold the group for good: destroy_process_group() cannot free it,
     and gloo's worker and network threads (pt_gloo_runloop, gloo_tcp_loop) run on while the interpreter shuts
-    down, which on a loaded machine ended a finished run in "terminate called without an active exception"
-    (SIGABRT; checked with torch 2.13: those threads outlive destroy_process_group unless this import comes
-    first)."""
+    down, the state in which a finished run's worker was seen to abort on a loaded machine ("terminate called
+    without an active exception", SIGABRT). Checked with torch 2.13: those threads outlive
+    destroy_process_group unless this import comes first."""
     import torch.distributed.nn  # noqa: F401 - before the group exists (above)
 
     store, _, _ = next(dist.rendezvous("env://", rank, world))
