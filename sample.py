@@ -159,8 +159,7 @@ def check_budget(args: argparse.Namespace, model, device: torch.device, rows: in
     """Refuse a generation whose memory (generation_bytes) would not fit in half of the free memory, with the
     largest --max-new-tokens and --num-beams that do (each found with the same estimate, so the advice fits)."""
     free = available_memory(device) // 2  # the other half: other processes, the allocator's fragmentation
-
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    threads = torch.get_num_threads() if device.type == "cpu" else 1  # CPU topk works on this many prompts at once
 
     def need(tokens: int, beams: int) -> int:
         return generation_bytes(model.cfg, rows, prompt_len, beams, tokens, args.do_sample, threads)
