@@ -89,9 +89,11 @@ from typing import NamedTuple
 import torch
 
 import finetune
+import preempt
 import prepare
 import train
 from configurator import configure, read_config_file
+from diskio import check_out_dir
 from hf_t5 import t5_tokenizer_name
 from model import ROT5, ROT5Config, SwitchFFN
 from plot import TRACKING_KEYS
@@ -152,6 +154,17 @@ CHARTS = ("ablation_pretrain_val_loss.png", "ablation_pretrain_final_val_loss.pn
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """study(argv), stopped by SIGTERM / SIGUSR1 / Ctrl-C with nothing lost (preempt.py): a run in progress saves a
+    checkpoint after its current step; the line says to run the same command again."""
+    with preempt.handled():
+        try:
+            return study(argv)
+        except preempt.Stopped as e:
+            raise preempt.Stopped(e.what, "run the same ablation.py command again to go on: finished runs are skipped "
+                                          "and the interrupted one resumes from its checkpoint") from None
+
+
+def study(argv: list[str] | None = None) -> dict:
     """Run (or resume) the study; returns {"pretrain": {name: row}, "finetune": {name: row}}, each row holding
     its per-seed rows ("seeds": {seed: row}) and the statistics over them (see aggregate)."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -255,6 +268,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                     help=f"also fine-tune an HF T5 the same way: {FLAN_MODEL} (the seed's row) by default, or "
                          "hf:HUB_ID, or a save_pretrained directory")
     args, rest = ap.parse_known_args(argv)
+    check_out_dir(args.out, "--out")
     args.variants = pick_variants(args.variants)
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.scale]
     try:
@@ -380,7 +394,7 @@ def run_once(run_dir: str, config: dict, script_main: Callable[[list[str]], dict
     and run). wall_s adds up every invocation that worked on the run: what it cost, including the steps redone
     after the last checkpoint."""
     state_path = os.path.join(run_dir, "ablation.json")
-    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume", *TRACKING_KEYS)}
+    comparable = {k: v for k, v in config.items() if k not in ("out_dir", "resume", "save_interval", *TRACKING_KEYS)}  # (no result depends on these)
     spent = 0.0  # seconds earlier, interrupted invocations spent on this run
     if os.path.exists(state_path):
         with open(state_path) as f:
@@ -417,7 +431,7 @@ def finetune_choice(pre: dict[str, dict], baseline: str) -> list[str]:
 def train_documents(dataset: str) -> int:
     """Training documents of data/<dataset>; the seed's count for a full dataset not downloaded yet (--plan)."""
     try:
-        return prepare.load_meta(os.path.join("data", dataset))["splits"]["train"]["documents"]
+        return prepare.split_counts(os.path.join("data", dataset), "train")["documents"]
     except ValueError as e:
         if (dataset, "train") in prepare.SEED_COUNTS:
             return prepare.SEED_COUNTS[(dataset, "train")][1]
@@ -752,7 +766,7 @@ def planned_steps(config: dict) -> int:
     n_docs = train_documents(dataset)
     if config["max_tokens"] > 0:
         try:
-            tokens = prepare.load_meta(os.path.join("data", dataset))["splits"]["train"]["tokens"]
+            tokens = prepare.split_counts(os.path.join("data", dataset), "train")["tokens"]
         except ValueError:
             tokens = prepare.SEED_COUNTS[(dataset, "train")][0]
         return math.ceil(config["max_tokens"] / (tokens / n_docs * config["batch_size"]))

@@ -1,6 +1,6 @@
-"""Checkpoints: an atomic save, loading with one-line errors, load_model for the scripts downstream, and
-export; the run directory of train.py and finetune.py (check_start, resume_run, the metrics log, stale
-temp files).
+"""Checkpoints: an atomic save that keeps the previous checkpoint too, loading with one-line errors (a damaged file
+is caught by its checksum), load_model for the scripts downstream, and export; the run directory of train.py
+and finetune.py (its lock, check_start, resume_run, the metrics log, stale temp files).
 
 A checkpoint is a dict (torch.save) with the keys
     kind          "pretrain" (train.py) | "finetune" (finetune.py)
@@ -12,8 +12,15 @@ A checkpoint is a dict (torch.save) with the keys
     optimizer     the optimizer's state_dict
     rng           random_states(): python, numpy, torch (and cuda) generators
     metrics       the last evaluation, tokens seen, ...
+    sha256        content_sha256 of all the above, checked at every load: a byte changed on disk after the save
+                  (a bad sector, a damaged copy) is one line, never a model that silently loads and is dead
 Everything in it is a tensor or a plain Python value, so it loads with torch.load(weights_only=True):
 opening a checkpoint never runs code from it.
+
+Each save keeps the checkpoint it replaces as ckpt.prev.pt (previous_path; a hard link, renamed into place
+before the new file is, so both names always hold a whole checkpoint). When ckpt.pt is damaged or missing,
+resuming falls back to ckpt.prev.pt with a line (load_for_resume). The cost: two checkpoints on disk, three
+while a save is being written.
 
 Export, for the Hugging Face hub and every other safetensors loader:
     python checkpoint.py export --ckpt out/rot5_mini/ckpt.pt --out export/rot5_mini        # any ROT5 model
@@ -36,29 +43,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from diskio import append_line, atomic_write, fsync_directory, remove_stale_temps
+from diskio import (SPACE_ERRNOS, append_line, atomic_write, check_out_dir, first_line, fsync_directory, remove_stale_temps,
+                    space_error, write_failed)
 
 REQUIRED_KEYS = ("kind", "model", "model_config", "tokenizer", "config", "step")
 EXPORT_KEYS = ("kind", "model_config", "tokenizer", "config", "step", "metrics")  # config.json of an export
 
 
 def save_checkpoint(path: str, obj: dict) -> None:
-    """torch.save(obj, path) so that path always holds a whole checkpoint, the old one or the new one
-    (diskio.atomic_write: a crash, a kill -9 or a full disk at any point leaves the old file intact). Lack of
-    space ends the run with one line (diskio.WriteFailed) that says how to resume from the old checkpoint."""
+    """torch.save(obj + its sha256, path) so that path always holds a whole checkpoint, the old one or the new
+    one (diskio.atomic_write: a crash, a kill -9 or a full disk at any point leaves the old file intact), and
+    the old one becomes previous_path(path). Lack of space ends the run with one line (diskio.WriteFailed)
+    that says how to resume from the old checkpoint."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path, "wb", needed=_tensor_bytes(obj), then=resume_hint(path)) as f:
+    obj = {**obj, "sha256": content_sha256(obj)}
+    with atomic_write(path, "wb", needed=_tensor_bytes(obj), then=resume_hint(path),
+                      keep_previous=previous_path(path)) as f:
         torch.save(obj, f)
 
 
@@ -73,18 +90,74 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
+def content_sha256(obj: dict) -> str:
+    """sha256 over a checkpoint dict's contents, its "sha256" key left out: every tensor's dtype, shape and bytes,
+    every plain value's repr, every key, in order. Computed from the dict rather than the file so that the
+    dict saved and the dict torch.load returns give the same digest. Tensors are hashed on the CPU, one at a
+    time; hashlib's sha256 measured 0.42 GB/s on a busy 2-core Intel Xeon, so a T5-Base checkpoint with its AdamW
+    state (2.7 GB) adds ~6 s to each save and each load."""
+    h = hashlib.sha256()
+
+    def add(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)}\n".encode())
+            for k, v in x.items():
+                h.update(f"{k!r}\n".encode())
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__} {len(x)}\n".encode())
+            for v in x:
+                add(v)
+        else:
+            h.update(f"{x!r}\n".encode())
+
+    add({k: v for k, v in obj.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def previous_path(path: str) -> str:
+    """Where save_checkpoint keeps the checkpoint that `path` held before: out/run/ckpt.pt -> out/run/ckpt.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def checkpoint_exists(path: str) -> bool:
+    """A run has a checkpoint to resume from: path, or the previous one kept beside it."""
+    return os.path.exists(path) or os.path.exists(previous_path(path))
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """The checkpoint dict at path; one clear line if it is missing, unreadable or not a ROT5 checkpoint."""
-    if not os.path.isfile(path):
+    """The checkpoint dict at path; one clear line if it is missing, unreadable, damaged (its sha256) or not a
+    ROT5 checkpoint."""
+    if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one with `python train.py CONFIG` (it writes out_dir/ckpt.pt) or fix the path")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is a {'directory' if os.path.isdir(path) else 'special file'}, not a checkpoint "
+                         "file: pass the path of a ckpt.pt (or an export directory to sample.py / finetune.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, a foreign pickle, not a torch file at all, ...
-        raise SystemExit(f"{path} is not a readable checkpoint ({first_line(e)[:200]}); was it cut short or written by another program?") from None
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never quote it
+        if "unsupported global" in str(e).lower():
+            raise SystemExit(f"{path} is not a readable checkpoint: it holds Python objects other than tensors and "
+                             "plain values, which a ROT5 checkpoint never does, so it was not loaded (nothing in it "
+                             f"ran); {_instead(path)}") from None
+        raise SystemExit(f"{path} is not a readable checkpoint: its contents are not a pickle PyTorch reads (cut short, "
+                         f"damaged, or not a checkpoint); {_instead(path)}") from None
+    except Exception as e:  # truncated file, not a torch file at all, a read error, ...
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:160]}): it was cut "
+                         f"short, damaged, or written by another program; {_instead(path)}") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SystemExit(f"{path} is not a ROT5 checkpoint: it lacks {', '.join(missing)} "
                          "(train.py and finetune.py write ROT5 checkpoints; HF T5 weights go through hf_t5.from_hf_t5)")
+    recorded = ckpt.pop("sha256", None)  # (checkpoints of ROT5 versions before the checksum have none)
+    if recorded is not None and recorded != content_sha256(ckpt):
+        raise SystemExit(f"{path} is damaged: its contents no longer match the sha256 recorded when it was saved "
+                         f"(a byte changed on disk or in a copy); {_instead(path)}")
     return ckpt
 
 
@@ -99,6 +172,14 @@ def model_config(ckpt: dict) -> dict:
     config.setdefault("attention_dropout", config.get("dropout", 0.1))
     config.setdefault("attention", "auto")
     return config
+
+
+def _instead(path: str) -> str:
+    """What to use instead of the unusable checkpoint at path."""
+    prev = previous_path(path)
+    if os.path.exists(prev):
+        return f"use the previous checkpoint, {prev} (--resume=True falls back to it by itself)"
+    return "restore it from a copy, or train again"
 
 
 def load_model(path: str, device: str | torch.device = "cpu"):
@@ -120,7 +201,10 @@ def load_model(path: str, device: str | torch.device = "cpu"):
                          "it was written by another ROT5 version; load it with that version")
     try:
         cfg = ROT5Config(**model_config(ckpt))
-        model = ROT5(cfg)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"{path}: its model_config is not a valid ROT5Config ({first_line(e)[:300]})") from None
+    model = new_model(cfg, torch.device(device))
+    try:
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"{path}: the weights do not fit its model_config ({first_line(e)[:300]})") from None
@@ -131,7 +215,20 @@ def load_model(path: str, device: str | torch.device = "cpu"):
         raise SystemExit(f"{path}: {first_line(e)}") from None
     if tok.vocab_size != cfg.vocab_size:
         raise SystemExit(f"{path}: tokenizer {tok.name!r} has {tok.vocab_size} ids but the model has vocab_size={cfg.vocab_size}")
-    return model.to(device).eval(), tok, ckpt
+    return model.eval(), tok, ckpt
+
+
+def new_model(cfg, device: torch.device):
+    """ROT5(cfg) on device, or one line when its weights do not fit in the device's memory."""
+    from model import ROT5
+
+    try:
+        return ROT5(cfg).to(device)
+    except (RuntimeError, MemoryError) as e:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise
+        raise SystemExit(f"the model does not fit in {device} memory ({first_line(e)[:200]}): make it smaller "
+                         "(d_model, d_ff, n_heads x head_dim, layers, vocab_size) or use a larger device") from None
 
 
 # -- export, and Hugging Face T5 models ------------------------------------------------------------------------
@@ -139,6 +236,7 @@ def load_model(path: str, device: str | torch.device = "cpu"):
 def export(ckpt_path: str, out: str, hf: bool = False) -> None:
     """Write the model of ckpt_path (anything load_model reads) into the new directory `out`: model.safetensors +
     config.json, or with hf=True an HF T5ForConditionalGeneration directory (the T5 baseline only)."""
+    check_new_directory(out)  # before the model is read
     model, tok, ckpt = load_model(ckpt_path)
     if hf:
         from hf_t5 import to_hf_t5
@@ -233,16 +331,19 @@ def model_card(ckpt: dict, model, tok, source: str, out: str, hf: bool) -> str:
 
 
 @contextmanager
-def new_directory(path: str) -> Iterator[str]:
+def new_directory(path: str, flag: str = "--out") -> Iterator[str]:
     """A temporary directory beside `path` to fill; when the block ends without an error, its files are synced
     and it is renamed to `path` (save_checkpoint's pattern, for a directory), so `path` never holds half of it.
-    Refuses an existing path unless it is an empty directory."""
-    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-        raise SystemExit(f"{path} exists: write into a new directory, or delete it first")
+    Refuses an existing path unless it is an empty directory, and a mount point (a rename cannot replace one).
+    A write that fails (a full disk, a read-only file system, ...) is one line; nothing is left behind."""
+    check_new_directory(path, flag)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         yield tmp
         for name in os.listdir(tmp):
@@ -253,10 +354,39 @@ def new_directory(path: str) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
         os.replace(tmp, path)  # onto nothing or an empty directory: atomic on POSIX
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = write_error(path, e)
+        if error is None:
+            raise
+        raise error from None
     fsync_directory(parent)
+
+
+def check_new_directory(path: str, flag: str = "--out") -> None:
+    """What new_directory refuses, checked before any work (one line each)."""
+    check_out_dir(path, flag)
+    if os.path.exists(path) and os.listdir(path):
+        raise SystemExit(f"{path} exists: write into a new directory, or delete it first")
+    if os.path.ismount(path):
+        raise SystemExit(f"{flag}={path} is a mount point, which a finished directory cannot be renamed onto: write into "
+                         f"a new directory inside it, e.g. {flag}={os.path.join(path, 'export')}")
+
+
+def write_error(path: str, e: BaseException) -> SystemExit | None:
+    """The one line for a failed write of the directory `path` (nothing of it was left), or None when e is not a
+    write error. safetensors (HF's save_pretrained) reports the OS error inside its own exception's text."""
+    err = space_error(e)
+    if err is None and type(e).__name__ == "SafetensorError" and (code := re.search(r"(?:os error|code:) (\d+)", str(e))):
+        err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if err is None and isinstance(e, OSError):
+        err = e
+    if err is None:
+        return None
+    if err.errno in SPACE_ERRNOS:
+        return write_failed(path, err, None, None, "nothing was left of it: free some space, then export again")
+    return SystemExit(f"could not write {path}: {err.strerror or os.strerror(err.errno or 0)}: nothing was left of it; "
+                      "export into a directory you can write")
 
 
 def read_config_json(directory: str) -> dict:
@@ -292,25 +422,107 @@ def load_export(directory: str) -> dict:
 
 # -- starting and resuming a run (train.py and finetune.py) ---------------------------------------------------
 
+LOCK_FILE = "run.lock"  # in out_dir: who holds it (the lock itself is the kernel's, see RunLock)
+
+
+class RunLock:
+    """One train.py / finetune.py per out_dir: an exclusive fcntl.flock on out_dir/run.lock, held for the run's
+    life. The kernel drops the lock when the holder's file is closed, which the process's end does however it
+    ends (kill -9 too): a lock is never stale, and the file is left in place (deleting a lock file races with a
+    process about to lock it). The file names the holder (pid, host, start, command) for the message that refuses
+    a second run. Under torchrun rank 0 holds it (the other ranks write nothing in out_dir).
+    On a file system without locks (some network mounts) the run goes on with a warning."""
+
+    def __init__(self, say: Callable[[str], None] = print):
+        self.file = None  # the open lock file while this process holds the lock
+        self.say = say
+
+    def claim(self, out_dir: str, make: bool = True) -> None:
+        """Hold out_dir's lock, making out_dir first (make=True), or one line naming the process that holds it.
+        make=False: only if out_dir exists already (a run in it may be going on: refuse at once, before any
+        work); a directory not made yet is claimed when the run makes it. A lock this object holds: no-op."""
+        if self.file is not None or not (make or os.path.isdir(out_dir)):
+            return
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            f = open(os.path.join(out_dir, LOCK_FILE), "a+", encoding="utf-8")  # "a+": erases nothing before we hold it
+        except OSError as e:  # read-only file system, no permission, a path the kernel refuses (/proc/...), ...
+            raise SystemExit(f"cannot write into --out_dir={out_dir} ({e.strerror or type(e).__name__}): pick another "
+                             "--out_dir") from None
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has just started"
+            f.close()
+            raise SystemExit(f"{out_dir} is in use by another run ({holder}): wait for it to end or stop it, or use "
+                             "another --out_dir") from None
+        except (ImportError, OSError) as e:  # no fcntl (Windows), or no locks on this file system (ENOLCK, ...)
+            f.close()
+            self.say(f"warning: cannot lock {out_dir} ({type(e).__name__}: {first_line(e)}): a second run started on "
+                     "it would not be refused")
+            return
+        self.file = f
+        try:  # who holds it, for the message above (a full disk only costs the message its details)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                    f"{' '.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}\n")
+            f.flush()
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file drops the lock
+            self.file = None
+
+
 RESUMED_WITH = {"pretrain": "pre-training from a train.py one", "finetune": "fine-tuning from a finetune.py one"}
 
 
 def check_start(ckpt_path: str, resume: bool) -> None:
     """A new run never overwrites a run's checkpoint; resuming needs one. One line each, before any work."""
-    if not resume and os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: continue that run with --resume=True, or start a new one with "
+    if not resume and checkpoint_exists(ckpt_path):
+        found = ckpt_path if os.path.exists(ckpt_path) else previous_path(ckpt_path)
+        raise SystemExit(f"{found} exists: continue that run with --resume=True, or start a new one with "
                          "another --out_dir (or delete it)")
-    if resume and not os.path.exists(ckpt_path):
+    if resume and not checkpoint_exists(ckpt_path):
         raise SystemExit(f"--resume=True but {ckpt_path} does not exist: nothing to resume; run without --resume "
                          "(or fix --out_dir)")
 
 
+def load_for_resume(ckpt_path: str, warn: Callable[[str], None], master: bool = True) -> dict:
+    """The checkpoint a run resumes from: ckpt_path, or, when that one is damaged or missing, the previous one
+    (previous_path), with a line through `warn`. The damaged file is moved aside (to ckpt.damaged.pt, by the
+    master process) so that the next save does not keep it as the previous checkpoint."""
+    try:
+        return load_checkpoint(ckpt_path)
+    except SystemExit as e:
+        prev = previous_path(ckpt_path)
+        if not os.path.exists(prev):
+            raise
+        try:
+            ckpt = load_checkpoint(prev)
+        except SystemExit as e_prev:
+            raise SystemExit(f"{e.code}; and {e_prev.code}") from None
+        root, ext = os.path.splitext(ckpt_path)
+        moved = ""
+        if master and os.path.exists(ckpt_path):
+            os.replace(ckpt_path, f"{root}.damaged{ext}")
+            moved = f" (moved it to {root}.damaged{ext})"
+        warn(f"warning: {e.code}{moved}; resuming from {prev}, step {ckpt['step']}, instead")
+        return ckpt
+
+
 def resume_run(ckpt_path: str, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
-               run_keys: tuple[str, ...], warn: Callable[[str], None]) -> tuple[int, dict]:
+               run_keys: tuple[str, ...], warn: Callable[[str], None], master: bool = True) -> tuple[int, dict]:
     """Load a checkpoint of `kind` into model and optimizer and restore every random generator, so that the run
     continues as an uninterrupted one would. Refuses another kind of checkpoint or another model; warns
-    (through `warn`) when any of the run's run_keys changed. Returns (the checkpoint's step, its metrics)."""
-    ckpt = load_checkpoint(ckpt_path)  # on the CPU: RNG states must stay there; load_state_dict copies
+    (through `warn`) when any of the run's run_keys changed, or when it falls back to the previous checkpoint
+    (load_for_resume). Returns (the checkpoint's step, its metrics)."""
+    ckpt = load_for_resume(ckpt_path, warn, master)  # on the CPU: RNG states must stay there; load_state_dict copies
     if ckpt["kind"] != kind:
         raise SystemExit(f"{ckpt_path} is a {ckpt['kind']} checkpoint: resume {RESUMED_WITH[kind]}")
     ours, theirs = dataclasses.asdict(model.cfg), model_config(ckpt)
@@ -366,7 +578,7 @@ def resume_hint(ckpt_path: str) -> str:
 
 
 # the files a run writes in its out_dir with diskio.atomic_write: their temp files are the run's own
-RUN_FILES = ["ckpt.pt", "metrics.jsonl", "predictions.jsonl", "curves.png"]
+RUN_FILES = ["ckpt.pt", "ckpt.prev.pt", "metrics.jsonl", "predictions.jsonl", "curves.png"]
 
 
 def remove_run_temps(out_dir: str, say: Callable[[str], None] = print) -> None:
@@ -376,11 +588,6 @@ def remove_run_temps(out_dir: str, say: Callable[[str], None] = print) -> None:
     for legacy in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.pt.tmp*")):
         os.unlink(legacy)
         say(f"removed {legacy}, left by an interrupted checkpoint save")
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message for a one-line error: its first line (its type's name if it has none)."""
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def random_states() -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import io
+import math
 import os
 import textwrap
 import tokenize
@@ -79,13 +80,22 @@ def _check_key(key: str, defaults: dict, source: str) -> None:
         raise SystemExit(f"unknown config key {key!r} in {source}{hint}; valid keys: {', '.join(sorted(defaults))}")
 
 
+INT64 = 2 ** 63  # ints become torch / numpy int64 values (sizes, counts, seeds): larger ones overflow there
+
+
 def _checked(key: str, value, default, source: str):
     # An int where a float is expected is fine (--learning_rate=1 is 1.0); a bool is never an int here.
     if isinstance(default, float) and type(value) is int:
-        return float(value)
+        value = float(value) if abs(value) < 2 ** 1024 else math.inf  # (float() overflows past the float range)
     if type(value) is not type(default):
         raise SystemExit(f"config key {key} must be {type(default).__name__} like its default {default!r}, "
                          f"got {value!r} ({type(value).__name__}) from {source}")
+    # 1e400 parses as inf, and nan is a float: no setting means either, and they would surface as an
+    # OverflowError or a run of NaN losses far from the setting that caused them
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SystemExit(f"config key {key} is {value!r} (from {source}): it must be a finite number")
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        raise SystemExit(f"config key {key}={value} (from {source}) is out of range: its size must be below 2**63")
     return value
 
 

@@ -2,7 +2,8 @@
 
 Every file ROT5 writes goes through one of two paths:
     atomic_write   a file is replaced only by a complete new version: temp file in the same directory,
-                   fsync, os.replace, fsync of the directory (checkpoints, shards, meta.json, predictions, ...)
+                   fsync, os.replace, fsync of the directory (checkpoints, shards, meta.json, predictions, ...);
+                   optionally the old version is kept under another name, as atomically (keep_file)
     append_line    an append-only log (metrics.jsonl): an append that fails is undone, so the log never keeps
                    half a line from a failed write (a kill -9 mid-append can still leave one: the log's reader,
                    checkpoint.restart_log, drops it)
@@ -31,11 +32,14 @@ class WriteFailed(SystemExit):
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", needed: int | None = None, then: str = "") -> Iterator[IO]:
+def atomic_write(path: str, mode: str = "wb", needed: int | None = None, then: str = "",
+                 keep_previous: str | None = None) -> Iterator[IO]:
     """Write path through a temp file in the same directory (os.replace is atomic only within one file system):
     the body writes to the yielded file; its bytes are fsynced before the rename makes them visible, and the
     directory after it, so that a power cut cannot undo the rename. A crash or an error at any point leaves
-    the old file (or none) and no temp file. needed: the bytes the file will take, if known, for the message."""
+    the old file (or none) and no temp file. needed: the bytes the file will take, if known, for the message.
+    keep_previous: a path in the same directory that receives the old file (if any) just before the new one
+    replaces it, atomically too (keep_file): at every moment both names hold a whole file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     umask = os.umask(0)
@@ -46,6 +50,8 @@ def atomic_write(path: str, mode: str = "wb", needed: int | None = None, then: s
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and os.path.exists(path):
+            keep_file(path, keep_previous)
         os.replace(tmp, path)
     except BaseException as e:
         written = os.path.getsize(tmp) if os.path.exists(tmp) else None
@@ -55,6 +61,28 @@ def atomic_write(path: str, mode: str = "wb", needed: int | None = None, then: s
             raise write_failed(path, err, needed, written, then) from None
         raise
     fsync_directory(directory)
+
+
+def keep_file(path: str, copy: str) -> None:
+    """Make `copy` (same directory) hold what `path` holds, replacing it atomically: a hard link under a temp
+    name renamed onto `copy` (no data is copied, and `path` itself is untouched); where the file system has no
+    hard links, a copy of the bytes, fsynced, renamed the same way."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(copy)), f".{os.path.basename(copy)}.{os.urandom(4).hex()}.tmp")
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, copy)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def append_line(path: str, line: str, then: str = "") -> None:
@@ -74,6 +102,23 @@ def append_line(path: str, line: str, then: str = "") -> None:
             raise
     finally:
         os.close(fd)
+
+
+def check_out_dir(path: str, flag: str = "--out_dir") -> None:
+    """An output directory a user named (flag), before any work: a name, not a file, inside a directory this
+    process can write (whatever of it does not exist yet is made when writing starts). One line each."""
+    if not path.strip():
+        raise SystemExit(f"{flag} is empty: name a directory, e.g. {flag}=out/my_run")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{flag}={path} is a file, not a directory: pick another {flag}")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"{flag}={path}: {existing} is a file, so no directory can be made under it: pick another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag}={path}: {existing} is not writable by this user (or is on a read-only file system): "
+                         f"pick another {flag}")
 
 
 def remove_stale_temps(directory: str, names: list[str], say=print) -> None:
@@ -120,6 +165,11 @@ def fsync_directory(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first line (its type's name if it has none)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def human(n: int) -> str:

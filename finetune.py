@@ -35,13 +35,15 @@ free text generated left to right, with no sentinels, so [S]. The short T5-style
 2020, sec. 2.4) follows the mode token so a summarize input never looks like a plain story to continue:
 the same checkpoint can still be asked (by sample.py) to continue a story, and other tasks can be added later.
 
-Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation),
-metrics.jsonl (one JSON object per log/eval event; eval events carry val_loss, rougeL and lead1_rougeL),
-predictions.jsonl (story, reference, prediction of the last evaluation) and curves.png (plot.py, redrawn at
-every evaluation; wandb_log / tensorboard_log send the events to those trackers too). A new run refuses an out_dir
-that holds a checkpoint; `--resume=True` continues it from its last evaluation and trains exactly as an
-uninterrupted run would (weights, AdamW state, random generators, pair order); a log interval that straddles
-the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
+Outputs in out_dir: ckpt.pt (kind "finetune", written atomically after every evaluation, every save_interval
+steps and when a signal stops the run: SIGTERM, SIGUSR1 or Ctrl-C finish the current step first), ckpt.prev.pt
+(the checkpoint before it, which --resume=True falls back to when ckpt.pt is damaged), run.lock (a second run on
+the same out_dir is refused while this one goes on), metrics.jsonl (one JSON object per log/eval event; eval
+events carry val_loss, rougeL and lead1_rougeL), predictions.jsonl (story, reference, prediction of the last
+evaluation) and curves.png (plot.py, redrawn at every evaluation; wandb_log / tensorboard_log send the events to
+those trackers too). A new run refuses an out_dir that holds a checkpoint; `--resume=True` continues it from its last
+checkpoint and trains exactly as an uninterrupted run would (weights, AdamW state, random generators, pair
+order); a log interval that straddles the checkpoint averages only its steps after it. Train events log "loss" (what is optimized: the LM loss plus
 any MoE losses), "lm_loss" (comparable with val_loss) and grad_norm, averaged over the updates since the last one,
 and "enc_real" / "dec_real", the fraction of row positions that hold real tokens: training packs several pairs
 per row (pack=True; ul2.pack_examples), with the same loss over the same tokens as one pair per row.
@@ -69,11 +71,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from rouge_score import rouge_scorer
 
+import preempt
 import prepare
-from checkpoint import (check_start, load_model, log_event, random_states, remove_run_temps, restart_log, resume_hint,
-                        resume_run, save_checkpoint)
 from batch import Batch, check_batch
+from checkpoint import (RunLock, check_start, load_model, log_event, random_states, remove_run_temps, restart_log,
+                        resume_hint, resume_run, save_checkpoint)
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
+from diskio import check_out_dir, human
 from generate import generate, pad_prompts
 from plot import Tracker, check_trackers
 from tokenizer import Tokenizer
@@ -105,6 +109,7 @@ DEFAULTS: dict = dict(
     warmup_frac=0.01,                   # linear warm-up over the first 1% of steps, then linear decay to 0
     log_interval=50,                    # steps between "train" events
     eval_interval=1000,                 # steps between evaluations (also at step 0 and at the end)
+    save_interval=0,                    # steps between checkpoints besides the evaluations' (0: none)
     eval_pairs=500,                     # validation pairs for val_loss and ROUGE-L (the seed: a 500-entry subset)
     eval_batch_size=64,                 # pairs per evaluation forward and generation
     num_beams=1,                        # 1: greedy decoding; > 1: beam search for the ROUGE-L predictions
@@ -126,18 +131,31 @@ SMALL_DATASET = 1000  # fewer training pairs than this: the run is a pipeline ex
 
 
 def main(argv: list[str]) -> dict:
+    """Fine-tune with the config from argv; returns the last evaluation. SIGTERM / SIGUSR1 / Ctrl-C stop the run
+    after its current step with a checkpoint (preempt.py); out_dir is locked while it runs (checkpoint.RunLock)."""
     if wants_help(argv):
         print(help_text("usage: python finetune.py [CONFIG_FILE ...] [--key=value ...]",
                         "Fine-tune a ROT5 checkpoint (or an HF T5) on story -> summary pairs and score it with ROUGE-L "
                         "(the top of finetune.py has the details).",
                         documented_keys(__file__, DEFAULTS, scope="DEFAULTS"), DEFAULTS, argv))
         return {}
+    lock = RunLock()
+    try:
+        with preempt.handled() as stop:
+            return run(argv, stop, lock)
+    finally:
+        lock.release()
+
+
+def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
     cfg = configure(DEFAULTS, argv)
     check_ranges(cfg, positive=("epochs", "batch_size", "micro_batch_size", "learning_rate", "encoder_len", "decoder_len",
                                 "eval_interval", "eval_pairs", "eval_batch_size", "num_beams", "log_interval",
                                 "max_bad_steps"),
-                 non_negative=("train_pairs", "weight_decay", "grad_clip"), fractions=("warmup_frac", "dropout"))
+                 non_negative=("train_pairs", "weight_decay", "grad_clip", "save_interval"),
+                 fractions=("warmup_frac", "dropout"))
     check_trackers(cfg)
+    check_out_dir(cfg["out_dir"])
     if cfg["decoder_len"] < 2:  # 1 would train the model to answer every story with eos alone
         raise SystemExit(f"--decoder_len={cfg['decoder_len']} leaves no room for a summary before the eos: it must be >= 2")
     device = resolve_device(cfg["device"])
@@ -145,6 +163,7 @@ def main(argv: list[str]) -> dict:
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(cfg["seed"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    lock.claim(cfg["out_dir"], make=False)  # a run going on in out_dir already: refused at once
     check_start(ckpt_path, cfg["resume"])  # never overwrite a fine-tuned model by starting again
 
     model, tok, init_ckpt = load_model(cfg["init_from"], device)
@@ -163,7 +182,7 @@ def main(argv: list[str]) -> dict:
     # pins the model file (sha256) and the special ids
     if meta["tokenizer"].split(":")[0] != tok.name.split(":")[0]:
         raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} but {cfg['init_from']} uses {tok.name!r}: "
-                         f"run `python prepare.py {meta['dataset']} --tokenizer {tok.name} --out-dir DIR` into another "
+                         f"run `python prepare.py {meta.get('dataset', 'DATASET')} --tokenizer {tok.name} --out-dir DIR` into another "
                          "directory and pass its name as --dataset")
     try:
         prepare.check_tokenizer(data_dir, tok)  # and the same special ids and vocabulary
@@ -171,6 +190,7 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(str(e)) from None
     n_train = min(cfg["train_pairs"], len(train_pairs)) if cfg["train_pairs"] else len(train_pairs)
     n_val = min(cfg["eval_pairs"], len(val_pairs))
+    check_eval_memory(model, cfg, n_val, device)
     if cfg["batch_size"] % cfg["micro_batch_size"]:
         raise SystemExit(f"batch_size={cfg['batch_size']} is not a multiple of micro_batch_size={cfg['micro_batch_size']}: "
                          "change one of them")
@@ -192,7 +212,7 @@ def main(argv: list[str]) -> dict:
     order = np.concatenate([rng.permutation(n_train) for _ in range(math.ceil(cfg["epochs"]))])
 
     # every setting and input checked: only now is out_dir made (a mistake above leaves nothing behind)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    lock.claim(cfg["out_dir"])  # (makes out_dir)
     remove_run_temps(cfg["out_dir"])
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     start_step, truncated, last_eval = 0, 0, {}  # truncated: training stories cut to encoder_len so far
@@ -203,14 +223,22 @@ def main(argv: list[str]) -> dict:
     restart_log(metrics_path, start_step if cfg["resume"] else None)
     tracker = Tracker(cfg, metrics_path)  # curves.png, W&B, TensorBoard (plot.py)
     bad_in_a_row = 0  # non-finite steps in a row
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+            "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
+            "rng": random_states(), "metrics": {**last_eval, "train_truncated": truncated}})
+
     since_log = dict.fromkeys(("loss", "lm_loss", "grad_norm", "tokens", "steps"), 0.0)  # sums over updates
     positions = [0, 0, 0, 0]  # encoder real tokens, encoder positions, decoder likewise, since the last log
     t_log = time.perf_counter()
+    stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     model.train()
     for step in range(start_step, steps + 1):  # step = optimizer updates done so far
         # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
-        # (a resumed run's first step was evaluated and saved before the interruption)
-        if (step % cfg["eval_interval"] == 0 or step == steps) and not (cfg["resume"] and step == start_step):
+        # (unless this step's checkpoint, which a resumed run starts from, holds its evaluation)
+        if (step % cfg["eval_interval"] == 0 or step == steps) and last_eval.get("step") != step:
             t_eval = time.perf_counter()
             metrics, rows = evaluate(model, tok, val_pairs, n_val, cfg, device, autocast)
             last_eval = {"event": "eval", "step": step, **metrics, "train_truncated": truncated}
@@ -220,10 +248,7 @@ def main(argv: list[str]) -> dict:
             print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
                   f"{last_eval['val_truncated']} stories cut to encoder_len={cfg['encoder_len']}")
-            save_checkpoint(ckpt_path, {
-                "kind": "finetune", "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                "tokenizer": tok.name, "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
-                "rng": random_states(), "metrics": last_eval})
+            save(step)
             t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
         if step == steps:
             break
@@ -261,7 +286,7 @@ def main(argv: list[str]) -> dict:
             print(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
             if bad_in_a_row >= cfg["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; "
-                                 f"{cfg['out_dir']}/ckpt.pt holds the last evaluated state. Lower learning_rate "
+                                 f"{ckpt_path} holds the last saved state. Lower learning_rate "
                                  "or check the data")
 
         if ((step + 1) % cfg["log_interval"] == 0 or step + 1 == steps) and since_log["steps"]:
@@ -276,6 +301,16 @@ def main(argv: list[str]) -> dict:
             print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
                   f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec")
             since_log, t_log, positions = dict.fromkeys(since_log, 0.0), time.perf_counter(), [0, 0, 0, 0]
+
+        # a signal or save_interval: a checkpoint at this step, unless the next pass evaluates and saves it anyway
+        done = step + 1
+        stopping = done < steps and stop.requested()
+        evaluated = done % cfg["eval_interval"] == 0 or done == steps
+        if stopping or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and not evaluated):
+            save(done)
+        if stopping:
+            tracker.close()
+            raise stop.stopped(done, f"saved {ckpt_path} at that step", "continue with the same command and --resume=True")
 
     tracker.close()
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
@@ -342,6 +377,20 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
                "lead1_rougeL": rouge_l([lead_sentence(r["story"]) for r in rows], refs),
                "num_beams": cfg["num_beams"], "n_eval": len(rows), "val_truncated": cut}
     return metrics, rows
+
+
+def check_eval_memory(model: torch.nn.Module, cfg: dict, n_val: int, device: torch.device) -> None:
+    """The evaluation generates summaries of eval_batch_size stories at a time with num_beams beams for up to
+    decoder_len tokens: one line, before any training, if that cannot fit (sample.py's estimate and rule)."""
+    from sample import available_memory, generation_bytes  # (sample.py imports this module)
+
+    rows = max(1, min(cfg["eval_batch_size"], n_val))
+    need = generation_bytes(model.cfg, rows, cfg["encoder_len"], cfg["num_beams"], cfg["decoder_len"])
+    free = available_memory(device)
+    if need > free // 2:
+        raise SystemExit(f"--num_beams={cfg['num_beams']} x --eval_batch_size={rows} x --decoder_len={cfg['decoder_len']} "
+                         f"needs {human(need)} to generate the evaluation's summaries, over half of the {human(free)} "
+                         f"free on {device}: lower --eval_batch_size or --num_beams")
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

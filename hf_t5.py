@@ -140,10 +140,16 @@ def load_hf_t5(source: str):
                          "FLAN-T5 models (model_type 't5')")
     try:
         tok = get_tokenizer(t5_tokenizer_name(source))
-        hf, info = T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True)
-        model = from_hf_t5(hf)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
+    try:
+        hf, info = T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True)
+        model = from_hf_t5(hf)
+    except (OSError, ValueError) as e:  # no weights file, a config T5 cannot build, ...: transformers' own words
+        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
+    except Exception as e:  # noqa: BLE001 - a cut or foreign weights file (safetensors' SafetensorError, ...)
+        raise SystemExit(f"{source}: its weights cannot be loaded ({type(e).__name__}: {first_line(e)[:200]}): save "
+                         "or download the model again") from None
     if info["missing_keys"]:  # transformers would fill them with random weights
         raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a T5 encoder-decoder (e.g. "
                          f"{sorted(info['missing_keys'])[0]}): it is not a whole T5ForConditionalGeneration")

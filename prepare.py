@@ -98,7 +98,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diskio import atomic_write, remove_stale_temps
+from diskio import atomic_write, check_out_dir, first_line, remove_stale_temps
 from tokenizer import Tokenizer, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -220,12 +220,63 @@ def load_meta(data_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): run `{_run_hint(data_dir)}` again") from None
+    except (ValueError, OSError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors; a directory...)
+        raise ValueError(f"{path} is not valid JSON ({first_line(e)}): run `{_run_hint(data_dir)}` again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {json_type(meta)}, not the object prepare.py writes: "
+                         f"run `{_run_hint(data_dir)}` again")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is format {meta.get('format')}, this prepare.py reads format {FORMAT}: "
                          f"run `{_run_hint(data_dir)}` again")
+    _check_meta(meta, path, f"run `{_run_hint(data_dir)}` again")
     return meta
+
+
+# What readers use of meta.json, with the JSON type each must have: an edited or cut meta.json is one line naming
+# the key, not a KeyError or AttributeError wherever the key is first used. The readers index META_KEYS; the
+# OPTIONAL_KEYS they compare or report only when present (prepare() writes them all).
+META_KEYS = {"tokenizer": str, "eos_id": int, "pad_id": int, "splits": dict}
+OPTIONAL_KEYS = {"dataset": str, "tokenizer_sha256": str, "vocab_size": int, "base_vocab_size": int, "mode_ids": dict,
+                 "sentinel_ids": list, "instruct": bool, "sources": list, "shard_sha256": dict}
+SPLIT_KEYS = {"documents": int, "tokens": int}
+PAIR_KEYS = {"pairs": int, "story_tokens": int, "summary_tokens": int}
+SOURCE_KEYS = {"split": str, "sha256": str, "start": int, "stop": int}
+
+
+def _check_meta(meta: dict, path: str, fix: str) -> None:
+    def check(obj, keys: dict, where: str, optional: bool = False) -> None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: {where.rstrip('.')} is a JSON {json_type(obj)}, not an object: the file was "
+                             f"edited or damaged; {fix}")
+        for key, kind in keys.items():
+            if optional and key not in obj:
+                continue
+            value = obj.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                got = "it is missing" if key not in obj else f"it is {value!r}"
+                raise ValueError(f"{path}: {where}{key} must be a JSON {json_type(kind())} ({got}): the file was "
+                                 f"edited or damaged; {fix}")
+
+    check(meta, META_KEYS, "")
+    check(meta, OPTIONAL_KEYS, "", optional=True)
+    for split, counts in meta["splits"].items():
+        check(counts, SPLIT_KEYS, f"splits.{split}.")
+        if "pairs" in counts:
+            check(counts["pairs"], PAIR_KEYS, f"splits.{split}.pairs.")
+    for i, source in enumerate(meta.get("sources", [])):
+        check(source, SOURCE_KEYS, f"sources[{i}].")
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    return {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}[type(value)]
+
+
+def split_counts(data_dir: str, split: str) -> dict:
+    """meta.json's counts of one split (documents, tokens, ...), or one line if there is no such split."""
+    return _split_meta(data_dir, split)[1]
 
 
 def _split_meta(data_dir: str, split: str) -> tuple[dict, dict]:
@@ -234,7 +285,7 @@ def _split_meta(data_dir: str, split: str) -> tuple[dict, dict]:
                          f"finish): run `{_run_hint(data_dir)}` first")
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
-        raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits'])}): "
+        raise ValueError(f"{data_dir} has no {split} split (it has {', '.join(meta['splits']) or 'none'}): "
                          f"run `{_run_hint(data_dir)}` first")
     return meta, meta["splits"][split]
 
@@ -691,7 +742,8 @@ def resolve_sources(dataset: str, train: str | None, val: str | None) -> tuple[l
         train, val = download(repo, train_name), download(repo, val_name)
     for p in (train, val):
         if not os.path.isfile(p):
-            raise ValueError(f"{p} does not exist: pass the path of a TinyStories .txt file")
+            raise ValueError(f"{p} {'is a directory' if os.path.isdir(p) else 'does not exist'}: pass the path of a "
+                             "TinyStories .txt file")
     return [{"split": "train", "path": os.path.abspath(train), "start": 0, "stop": os.path.getsize(train)},
             {"split": "val", "path": os.path.abspath(val), "start": 0, "stop": os.path.getsize(val)}], instruct
 
@@ -1096,7 +1148,7 @@ def _up_to_date(out_dir: str, meta: dict) -> bool:
         return False
     key = ("format", "dataset", "tokenizer", "tokenizer_sha256", "vocab_size")
     # a source is its content (sha256, or a hub dataset's name and split) and how it was read, wherever it lies
-    same_sources = [{k: v for k, v in s.items() if k != "path"} for s in old["sources"]] == \
+    same_sources = [{k: v for k, v in s.items() if k != "path"} for s in old.get("sources", [])] == \
                    [{k: v for k, v in s.items() if k != "path"} for s in meta["sources"]]
     return same_sources and all(old.get(k) == meta[k] for k in key)
 
@@ -1166,6 +1218,11 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(a, option) != ap.get_default(option) and kind not in kinds:
             raise SystemExit(f"prepare.py: --{option.replace('_', '-')} does not apply to {a.source} (it is for "
                              f"{', '.join(k if k != 'preset' else 'the presets' for k in kinds)} sources)")
+    cpus = max(default_workers(), os.cpu_count() or 1)
+    if not 1 <= a.workers <= cpus:  # each worker tokenizes on one CPU: more of them only cost memory
+        raise SystemExit(f"prepare.py: --workers {a.workers} must be between 1 and this machine's {cpus} CPUs")
+    if a.out_dir is not None:
+        check_out_dir(a.out_dir, "--out-dir")
     try:
         if kind == "preset":
             if a.files or len(a.val or []) > 1:

@@ -26,12 +26,14 @@ never generated, so a half-trained model cannot print "<extra_id_12>" into a sto
 lines when the text holds any; they are generated --batch-size at a time.
 An input longer than the checkpoint's encoder_len (from its training config; 512, T5's input length, if the
 config has none) is an error, not silently cut. So is a --max-new-tokens x --num-beams x --batch-size whose
-decoder cache (allocated for the whole budget up front) would not fit in half of the free memory: the
-message gives the largest budget that fits (check_budget).
+generation (the decoder cache, allocated for the whole budget up front, and each step's logits and their
+copies for every beam: generation_bytes) would not fit in half of the free memory: the message gives the
+largest budget that fits (check_budget).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -47,6 +49,9 @@ from tokenizer import Tokenizer
 from train import resolve_device
 
 DEFAULT_ENCODER_LEN = 512  # T5's pre-training input length, for checkpoints whose config does not say
+# Sampling divides the fp32 logits by the temperature: with logits below 3e8 in size (a model's are far
+# smaller) this keeps them under fp32's largest value, 3.4e38; inf there would make every probability NaN.
+TEMPERATURE_MIN = 1e-30
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -133,12 +138,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: give prompts with --prompt or --prompt-file, not both")
     if not args.prompt and not args.prompt_file:
         raise SystemExit("error: no prompt: pass --prompt TEXT, --prompt - (stdin) or --prompt-file FILE")
-    if args.temperature is not None and args.temperature <= 0:
-        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}); for greedy decoding drop --do-sample")
+    if args.temperature is not None and not TEMPERATURE_MIN <= args.temperature < math.inf:
+        raise SystemExit(f"error: --temperature must be > 0: a finite number from {TEMPERATURE_MIN:g} up (got "
+                         f"{args.temperature}); for greedy decoding drop --do-sample")
     if args.top_k is not None and args.top_k < 1:
         raise SystemExit(f"error: --top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise SystemExit(f"error: --top-p must be in (0, 1] (got {args.top_p})")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        raise SystemExit(f"error: --seed must be in [-2**63, 2**64) (got {args.seed})")
     for name in ("max_new_tokens", "num_beams", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
@@ -147,36 +155,91 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_budget(args: argparse.Namespace, model, device: torch.device, rows: int, prompt_len: int) -> None:
-    """Refuse a generation whose memory would not fit, with the largest --max-new-tokens and --num-beams that do."""
-    free = available_memory(device) // 2  # the other half: activations, the allocator's slack, other processes
-    fixed, per_token = generation_bytes(model.cfg, rows, prompt_len, args.num_beams)
-    need = fixed + per_token * args.max_new_tokens
-    if need <= free:
+    """Refuse a generation whose memory (generation_bytes) would not fit in half of the free memory, with the
+    largest --max-new-tokens and --num-beams that do (each found with the same estimate, so the advice fits)."""
+    free = available_memory(device) // 2  # the other half: other processes, the allocator's fragmentation
+    threads = torch.get_num_threads() if device.type == "cpu" else 1  # CPU topk works on this many prompts at once
+
+    def need(tokens: int, beams: int) -> int:
+        return generation_bytes(model.cfg, rows, prompt_len, beams, tokens, args.do_sample, threads)
+
+    if need(args.max_new_tokens, args.num_beams) <= free:
         return
-    tokens = max(0, (free - fixed) // per_token)
-    per_beam = generation_bytes(model.cfg, rows, prompt_len, 2)[1] // 2 * args.max_new_tokens  # linear in beams
-    beams = (free - fixed) // per_beam
-    if beams < 2:  # greedy decoding keeps no second cache
-        greedy = generation_bytes(model.cfg, rows, prompt_len, 1)
-        beams = int(greedy[0] + greedy[1] * args.max_new_tokens <= free)
+    tokens = largest(lambda t: need(t, args.num_beams) <= free, args.max_new_tokens)
+    beams = largest(lambda k: need(args.max_new_tokens, k) <= free, args.num_beams)
+    fewer_beams = (f", or at most {beams:,} beams at this length" if beams > 1 else
+                   ", or greedy decoding (--num-beams 1) at this length" if beams == 1 else "")
     raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens:,} with --num-beams={args.num_beams:,} for {rows} "
-                     f"prompt(s) at a time needs {human(need)} for generation, over half of the {human(2 * free)} free "
-                     f"on {device}: at most {tokens:,} new tokens at this beam count"
-                     + (f", or at most {beams:,} beams at this length" if 0 < beams < args.num_beams else "")
-                     + " (or a smaller --batch-size)")
+                     f"prompt(s) at a time needs {human(need(args.max_new_tokens, args.num_beams))} for generation, "
+                     f"over half of the {human(2 * free)} free on {device}: at most {tokens:,} new tokens at this beam "
+                     f"count{fewer_beams} (or a smaller --batch-size)")
 
 
-def generation_bytes(cfg, rows: int, prompt_len: int, beams: int) -> tuple[int, int]:
-    """(bytes independent of the length, bytes per new token) of generate.generate for rows prompts: the decoder's
-    KV cache (n_decoder_layers x K and V x n_kv_heads x head_dim values per position and sequence, allocated
-    for all of max_new_tokens up front; beam search keeps a second one to reorder into) and, for beam search,
-    its token tables (running, finished, 2K candidates and their concatenation: ~8K int64 per position)."""
-    value = 4  # fp32: the weights' dtype (bf16 autocast on a GPU halves it; the estimate stays on the safe side)
-    per_position = cfg.n_decoder_layers * 2 * cfg.n_kv_heads * cfg.head_dim * value
-    cross = rows * per_position * prompt_len  # the encoder's keys and values, once per prompt
-    if beams == 1:
-        return cross, rows * (per_position + 8)
-    return cross, rows * beams * (2 * per_position + 8 * 8)
+def largest(fits, above: int) -> int:
+    """The largest n in [1, above) with fits(n), for a fits that holds up to some n and not beyond; 0 if none."""
+    lo, hi = 0, above  # fits(lo) (or lo = 0), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: int, sampling: bool = False,
+                     threads: int = 1) -> int:
+    """Peak bytes generate.generate allocates for `rows` prompts of prompt_len tokens (fp32: 4 bytes a value, ids
+    int64; on a GPU under bf16 autocast the caches take half, so the estimate errs on the safe side). With
+    N = rows x beams sequences decoding at once, V the vocabulary and T = new_tokens:
+    kept through the decoding
+      the encoder output (rows x S x d_model) and every decoder layer's cross-attention K/V of it;
+      the self-attention KV cache, allocated for all T positions up front (n_decoder_layers x 2 x n_kv_heads x
+      head_dim per sequence and position); beam search keeps a spare as large to reorder into (KVCache.reorder);
+      beam search's token tables (running, finished, 2K candidates, their concatenation): ~8K int64 per position;
+    plus the larger of two transients
+      the encoder pass, per layer: its hidden states, q/k/v, attention scores (S x S per head), FFN activations;
+      a decoding step: the step's logits (N x V) and, alive at once with them,
+        greedy: the previous step's logits, still referenced while the next are computed (2 N V in all),
+        and the copy of the output layer's weights (V x d_model) the CPU's GEMM packs to compute them;
+        sampling: those plus filter_logits' copies (temperature, top-k's (value, index) pairs, the sort's values
+        and int64 indices, softmax, cumsum, the masks): 12 N V, counted generously (N is small here);
+        beam search, the larger of: the previous step's logits and log-probabilities with the new logits (3 N V,
+        and the GEMM's packed weights), and the logits, the log-softmax plus the beam scores and topk's (value, int64 index) pairs over the K x V
+        continuations of a prompt, 16 bytes each, for as many prompts at once as topk has threads (measured);
+      and the step's activations (N tokens through one layer); with T5's relative bias and GQA, attend() copies
+      K/V to every query head for the masked SDPA: 2 x N x n_heads x T x head_dim per layer.
+    The test checks this against the peak RSS generate adds, at several sizes (tests/test_faults.py)."""
+    f32, i64 = 4, 8
+    S, T, N, V = prompt_len, new_tokens, rows * beams, cfg.vocab_size
+    H, Hkv, Dh, d, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.n_decoder_layers
+    ffn = cfg.d_ff * (4 if cfg.ffn == "gated-gelu" else 2)  # wi's output (gated: both halves), activation, product
+    kv_per_position = L * 2 * Hkv * Dh * f32
+    kept = rows * S * (d * f32 + kv_per_position)
+    kept += N * T * kv_per_position * (2 if beams > 1 else 1)
+    kept += rows * T * i64 * (8 * beams if beams > 1 else 1)
+    # The encoder pass, per input token: the larger of a layer's attention (its input and norm, q/k/v, rotated
+    # q and k, output) and its FFN (input, norm, the FFN's activations), and the stacked cross-attention K/V;
+    # the encoder's memory is one layer's at a time. T5's relative bias (H x S x S, once) is a float mask, which
+    # sends SDPA down its math path: scores and their softmax, S per head each, and with GQA attend() copies
+    # K/V to every query head.
+    attention = 2 * d + (3 * H + 3 * Hkv) * Dh
+    bias = 0
+    if cfg.position == "t5":
+        attention += 2 * H * S + (2 * H * Dh if Hkv < H else 0)
+        bias = H * S * S * f32
+    encoder = rows * S * (max(attention, 2 * d + ffn) * f32 + kv_per_position) + bias
+    # A decoding step, per sequence: one layer's activations, counted as alive at once (the allocator keeps the
+    # freed blocks for the next layer's, so they stay in RSS: measured): residual stream, norms and projections
+    # back (9 d_model), self-attention q/k/v, rotated q and k, output ((3 H + 3 Hkv) Dh), cross-attention q,
+    # rotated, regrouped by K/V head, output, reshaped (5 H Dh), the FFN, the cross-attention scores (H S).
+    per_sequence = (9 * d + (8 * H + 3 * Hkv) * Dh + ffn + H * S) * f32
+    packed = V * d * f32  # the output layer's weights, packed by the CPU GEMM that computes the logits (measured)
+    if beams > 1:
+        logits = max(3 * N * V * f32 + packed, 2 * N * V * f32 + 16 * beams * V * min(rows, threads))
+    else:
+        logits = (12 if sampling else 2) * N * V * f32 + packed
+    decoding = logits + N * per_sequence
+    if cfg.position == "t5" and Hkv < H:
+        decoding += 2 * N * H * T * Dh * f32
+    return kept + max(encoder, decoding)
 
 
 def available_memory(device: torch.device) -> int:

@@ -16,6 +16,8 @@ Usage
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/rot5_mini.py
     python train.py config/rot5_mini.py --micro_batch_size=32 --compile=True   # override any key
     python train.py config/rot5_mini.py --resume=True                         # continue out_dir/ckpt.pt
+    # preemption: SIGTERM, SIGUSR1 or Ctrl-C finish the current step, save it and stop with one line (preempt.py);
+    # --save_interval=N also saves every N steps between evaluations
     python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
     python train.py config/sample_cpu.py --help   # every key, its value (here: after the config) and what it does
 
@@ -38,11 +40,14 @@ continuation loss reads whole stories one per row, in order of length (ul2.conti
 expert counts; batches are checked on the CPU before they move: batch.check_batch), compiled once with
 symbolic row counts (Batch.mark_dynamic); on a GPU its attention is FlexAttention (model.use_flex). The one
 wait for the device per optimizer step is the read of the step's losses (the non-finite check).
-A full disk, a damaged shard or a bad setting ends the run with one line and the last checkpoint intact
-(README.md, "What survives what").
+A full disk, a damaged shard, a damaged checkpoint, a second run on the same out_dir or a bad setting ends the run
+with one line and the last checkpoint intact (README.md, "What survives what").
 
 Outputs in out_dir:
-    ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation
+    ckpt.pt        checkpoint.py's format, kind "pretrain"; written (atomically) at every evaluation, every
+                   save_interval steps, and when a signal stops the run (preempt.py)
+    ckpt.prev.pt   the checkpoint before it (resuming falls back to it when ckpt.pt is damaged)
+    run.lock       held while the run goes on (a second run on this out_dir is refused; checkpoint.RunLock)
     curves.png     the loss curves, learning rate and tokens/s, redrawn at every evaluation (plot.py; needs
                    matplotlib); wandb_log / tensorboard_log send every event to those trackers too
     metrics.jsonl  one JSON object per event, for plots:
@@ -87,11 +92,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import preempt
 import prepare
 import ul2
-from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from batch import Batch, check_batch
+from checkpoint import (RunLock, check_start, checkpoint_exists, log_event, new_model, random_states, remove_run_temps,
+                        restart_log, resume_run, save_checkpoint)
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
+from diskio import check_out_dir
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from plot import Tracker, check_trackers
 from ul2 import MODES, UL2Batches, continuation_batches
@@ -120,6 +128,7 @@ max_tokens = 0.0          # raw document tokens to train on, e.g. 1.37e9 (0: use
 warmup_frac = 0.01        # linear warm-up over this fraction of the steps, then linear decay to 0
 log_interval = 10         # steps between "train" events
 eval_interval = 500       # steps between evaluations on the fixed validation subset (and checkpoints)
+save_interval = 0         # steps between checkpoints besides the evaluations' (0: none): bounds what a crash costs
 eval_docs = 500           # that subset: the first eval_docs validation documents (the seed: 500)
 eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
                           # so keep it equal across the variants you compare
@@ -164,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
             tokens = float(value)
         except ValueError:
             tokens = 0.0
-        if not tokens > 0:
-            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget > 0, e.g. 1.37e9)")
+        if not 0 < tokens < math.inf:
+            raise SystemExit("usage: python train.py --chinchilla=TOKENS  (a data budget > 0, finite, e.g. 1.37e9)")
         print_chinchilla(tokens)
         return {}
     model_defaults = asdict(ROT5Config())
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = configure({**TRAIN_DEFAULTS, **model_defaults}, argv)
     check_ranges(config, positive=("log_interval", "eval_interval", "eval_docs", "eval_batch_size", "encoder_len",
                                    "decoder_len", "batch_size", "micro_batch_size", "learning_rate", "max_bad_steps"),
-                 non_negative=("epochs", "max_tokens", "weight_decay", "grad_clip", "peak_flops"),
+                 non_negative=("save_interval", "epochs", "max_tokens", "weight_decay", "grad_clip", "peak_flops"),
                  fractions=("warmup_frac", "beta1", "beta2"))
     if not 0 <= config["seed"] < 2 ** 31:  # torch seeds are (seed << 32) + micro-batch index: 64 bits
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
@@ -192,18 +201,27 @@ def main(argv: list[str] | None = None) -> dict:
                          "takes GPU LOCAL_RANK)")
     device = resolve_device(config["device"], local_rank)
     resolve_dtype(config["dtype"], device)  # a wrong value is one line here, before any work
+    check_out_dir(config["out_dir"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
-    try:
-        return train(config, model_cfg, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    # SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint after the current step, then stop (preempt.py). One run per
+    # out_dir (checkpoint.RunLock, held by rank 0): a run going on in it already is refused here, at once.
+    lock = RunLock(tqdm.write)
+    with preempt.handled(say_on_signal=rank == 0) as stop:
+        try:
+            if rank == 0:
+                lock.claim(config["out_dir"], make=False)
+            if world > 1:
+                init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+            return train(config, model_cfg, rank, world, device, stop, lock)
+        finally:
+            lock.release()
+            if world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device) -> dict:
+def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device, stop: preempt.Stop,
+          lock: RunLock) -> dict:
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
@@ -261,7 +279,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
 
     # -- model and optimizer ----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = ROT5(model_cfg).to(device)
+    raw_model = new_model(model_cfg, device)
     # (one graph per step: the model reads no value back to the host, except the Switch FFN's expert counts)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
@@ -274,7 +292,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # -- resume -----------------------------------------------------------------------------------------
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.exists(ckpt_path)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and checkpoint_exists(ckpt_path)
     resuming = [cfg.resume or restarted]
     if ddp:  # rank 0 decides; a rank that cannot see its checkpoint (no shared out_dir) then fails clearly
         dist.broadcast_object_list(resuming, src=0)
@@ -283,10 +301,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     check_start(ckpt_path, resuming[0])
     start_step, tokens_seen, last_eval, saved_step = 0, 0, {}, None
     if resuming[0]:
-        start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say)
+        start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say, master)
         tokens_seen, saved_step = last_eval["tokens"], start_step
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock.claim(cfg.out_dir)  # (makes out_dir)
         remove_run_temps(cfg.out_dir, say)
         restart_log(metrics_path, start_step if resuming[0] else None, say)
 
@@ -328,6 +346,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         say(f"step 0: {eval_line(last_eval)}")
 
     # -- the loop ---------------------------------------------------------------------------------------
+    stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     train_model.train()
     bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
     n_moe = sum(isinstance(m, SwitchFFN) for m in raw_model.modules())
@@ -365,8 +384,9 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             losses += torch.stack([out.loss, out.aux_loss, out.z_loss]).detach()
             if out.expert_load is not None:
                 load += out.expert_load.detach()
-        losses, load, work = sum_over_ranks([losses, load, work.to(device)], ddp)
-        lm, aux, z = (losses / (accum * world)).tolist()   # the step's one wait for the device
+        signals = torch.tensor(stop.flags(), dtype=torch.float64)  # a signal on any rank stops all (preempt.py)
+        losses, load, work, signals = sum_over_ranks([losses, load, work.to(device), signals.to(device)], ddp)
+        lm, aux, z, *signalled = torch.cat([losses / (accum * world), signals]).tolist()  # the step's one wait for the device
         step_loss = lm + aux + z
         interval.tokens, interval.flops = interval.tokens + float(work[0]), interval.flops + float(work[1])
         tokens_seen += int(work[0])
@@ -413,6 +433,17 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 say(f"final: {eval_line(full)} on the full validation split ({len(val_docs):,} documents)")
             save(done)
             interval.t0 += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+
+        # a signal (on any rank) or save_interval: a checkpoint at this step, unless the evaluation wrote it
+        stopping = done < max_steps and stop.requested(signalled)
+        if saved_step != done and (stopping or cfg.save_interval and done % cfg.save_interval == 0):
+            save(done)
+        if stopping:
+            bar.close()
+            if ddp:
+                dist.barrier()  # every rank waits for rank 0's save: torchrun stops the others when one exits
+            raise stop.stopped(done, f"saved {ckpt_path} at that step",
+                               "continue with the same command and --resume=True")
     bar.close()
     if master:
         tracker.close()
@@ -438,7 +469,17 @@ def init_process_group(backend: str, rank: int, world: int) -> None:
     the restarted workers read them, connect to processes that no longer exist and fail in gloo's
     connectFullMesh ("Connection refused"), using up --max-restarts (reproduced with torch 2.13, 2 CPU
     workers, --max-restarts=1, one worker killed before init_process_group). A prefix per attempt
-    (TORCHELASTIC_RESTART_COUNT) never sees the old keys."""
+    (TORCHELASTIC_RESTART_COUNT) never sees the old keys.
+
+    torch.distributed.nn is imported first: its functions take `group=group.WORLD` as a default argument,
+    evaluated when the module is imported, and DDP's constructor imports it (through torch._dynamo). Imported
+    after the group exists, those defaults hold the group for good: destroy_process_group() cannot free it,
+    and gloo's worker and network threads (pt_gloo_runloop, gloo_tcp_loop) run on while the interpreter shuts
+    down, the state in which a finished run's worker was seen to abort on a loaded machine ("terminate called
+    without an active exception", SIGABRT). Checked with torch 2.13: those threads outlive
+    destroy_process_group unless this import comes first."""
+    import torch.distributed.nn  # noqa: F401 - before the group exists (above)
+
     store, _, _ = next(dist.rendezvous("env://", rank, world))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"rot5/attempt_{attempt}", store), rank=rank,

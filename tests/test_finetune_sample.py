@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -212,6 +213,9 @@ def test_sample_fill_and_summarize(run, capsys):
     (["--prompt", "x", "--prompt-file", "f.txt"], "not both"),
     ([], "no prompt"),
     (["--prompt", "x", "--do-sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["--prompt", "x", "--do-sample", "--temperature", "nan"], "--temperature must be > 0: a finite number from 1e-30"),
+    (["--prompt", "x", "--do-sample", "--temperature", "1e-320"], "--temperature must be > 0: a finite number from 1e-30"),
+    (["--prompt", "x", "--seed", str(2 ** 64)], "--seed must be in [-2**63, 2**64)"),
     (["--prompt", "Lily found a needle.", "--mode", "fill"], "has no gap"),
     (["--prompt", "Lily found a <extra_id_300>.", "--mode", "fill"], "<extra_id_300> does not exist"),
     (["--prompt", "Lily <extra_id_1> a <extra_id_0>.", "--mode", "fill"], "in order, each once"),
@@ -324,8 +328,9 @@ def test_finetune_refuses_data_of_another_tokenizer_and_a_bad_device(run, monkey
 
 
 def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypatch):
-    """A run killed at step 3 and resumed from its step-2 checkpoint ends with the very weights of an
-    uninterrupted run (pair order, dropout masks and AdamW state restored); a new run refuses the out_dir."""
+    """A run killed at step 3 and resumed from its step-2 checkpoint, and a run stopped by SIGUSR1 in step 3 and
+    resumed from the checkpoint that step saved, end with the very weights of an uninterrupted run (pair order,
+    dropout masks and AdamW state restored); a new run refuses the out_dir."""
     monkeypatch.chdir(run["dir"])
     argv = finetune_argv("--epochs=4.0", "--eval_interval=2")  # 4 steps of 2 micro-batches; checkpoints at 0, 2, 4
     with contextlib.redirect_stdout(io.StringIO()):
@@ -350,11 +355,38 @@ def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypa
         finetune.main(argv + ["--out_dir=ft_resumed", "--resume=True"])
     assert "resuming ft_resumed/ckpt.pt at step 2" in out.getvalue()
 
-    whole, resumed = (load_model(f"{d}/ckpt.pt", "cpu")[0].state_dict() for d in ("ft_whole", "ft_resumed"))
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # SIGUSR1 (SLURM's warning ahead of a time limit) in step 3: the step is finished and saved, though no
+    # evaluation falls there, and resuming goes on from it
+    def forward_then_sigusr1(self, *args, **kwargs):
+        calls.extend([1] if self.training else [])
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return forward(self, *args, **kwargs)
+
+    def unhandled(signum, frame):  # (the default action would end pytest itself)
+        raise AssertionError("finetune.py left SIGUSR1 to its default action: the process dies, step 3 is lost")
+
+    calls.clear()
+    monkeypatch.setattr(ROT5, "forward", forward_then_sigusr1)
+    before = signal.signal(signal.SIGUSR1, unhandled)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                pytest.raises(SystemExit) as e:
+            finetune.main(argv + ["--out_dir=ft_stopped"])
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    monkeypatch.setattr(ROT5, "forward", forward)
+    assert e.value.code == ("stopped by SIGUSR1 after step 3: saved ft_stopped/ckpt.pt at that step; continue with "
+                            "the same command and --resume=True")
+    assert load_model("ft_stopped/ckpt.pt", "cpu")[2]["step"] == 3
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune.main(argv + ["--out_dir=ft_stopped", "--resume=True"])
+
+    whole, *others = (load_model(f"{d}/ckpt.pt", "cpu")[0].state_dict() for d in ("ft_whole", "ft_resumed", "ft_stopped"))
+    assert all(torch.equal(whole[k], other[k]) for other in others for k in whole)
     logs = [[(e["event"], e["step"], e.get("loss"), e.get("val_loss"), e.get("rougeL"))
-             for e in read_jsonl(run["dir"] / d / "metrics.jsonl")] for d in ("ft_whole", "ft_resumed")]
-    assert logs[0] == logs[1]  # the log, too, reads as one run (the config logs every step)
+             for e in read_jsonl(run["dir"] / d / "metrics.jsonl")] for d in ("ft_whole", "ft_resumed", "ft_stopped")]
+    assert logs[0] == logs[1] == logs[2]  # the log, too, reads as one run (the config logs every step)
 
 
 def test_finetune_resume_errors_and_a_step_0_checkpoint(run, monkeypatch):

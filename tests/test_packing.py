@@ -11,7 +11,7 @@ import torch
 import prepare
 import ul2
 from bench import HostReads
-from batch import check_batch, shift_right
+from batch import Batch, check_batch, shift_right
 from model import ROT5, segment_mask, segment_positions
 from test_model import VARIANTS, tiny
 from tokenizer import get_tokenizer
@@ -25,7 +25,7 @@ def docs_tok():
     return prepare.load_documents(os.path.join(ROOT, "data", "sample"), "train"), get_tokenizer()
 
 
-def pair(docs, tok, step: int = 0, n: int = 12, enc: int = 384, dec: int = 192, **kw) -> tuple[ul2.Batch, ul2.Batch]:
+def pair(docs, tok, step: int = 0, n: int = 12, enc: int = 384, dec: int = 192, **kw) -> tuple[Batch, Batch]:
     """The same micro-batch (same documents, same corruption) one example per row and packed."""
     make = lambda pack: ul2.UL2Batches(docs, tok, "ul2", enc, dec, n, seed=5, pack=pack, **kw).batch(step)
     return make(False), make(True)

@@ -7,6 +7,8 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (test_faults.flip_bytes)
 
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
@@ -94,6 +97,29 @@ def test_loss_falls_on_the_sample(tmp_path, sample_data):
     assert 20 * 8 * 100 < ckpt["metrics"]["tokens"] < 20 * 8 * 400
 
 
+PREEMPTED_WORKER = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import preempt, train
+from model import ROT5
+
+forward, calls = ROT5.forward, []
+
+def forward_then_sigterm(self, *args, **kwargs):
+    calls.extend([1] if self.training else [])
+    if len(calls) == 2 and os.environ["RANK"] == "0":  # step 2 (1 micro-batch per step): SIGTERM to torchrun,
+        os.kill(os.getppid(), signal.SIGTERM)            # which sends it on to both workers
+        deadline = time.monotonic() + 60
+        while not preempt._active.signal and time.monotonic() < deadline:  # (so that it arrives in this step)
+            time.sleep(0.01)
+    return forward(self, *args, **kwargs)
+
+ROT5.forward = forward_then_sigterm
+sys.argv[0] = train.__file__
+train.main(sys.argv[1:])
+"""
+
+
 def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
     """Same global batch, split 2 ranks x 1 micro-step (gloo DDP) or 1 rank x 2 micro-steps: same examples,
     same dropout, same update -- up to fp32 rounding, which differs because gloo's all-reduce and local
@@ -133,15 +159,48 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, sample_data):
     assert events(tmp_path / "one", "eval_full")[0]["val_loss"] == \
         pytest.approx(events(tmp_path / "two", "eval_full")[0]["val_loss"], rel=1e-5)
 
+    # SIGTERM to torchrun during step 2 (as SLURM or Kubernetes send it): both workers finish the step and stop
+    # after it, rank 0 saving a checkpoint at step 2; the same torchrun command with --resume=True then makes
+    # step 3 exactly as the uninterrupted 2-process run did.
+    worker = tmp_path / "worker.py"
+    worker.write_text(PREEMPTED_WORKER.format(repo=REPO))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "preempted"
+    stopped = subprocess.run([*torchrun, str(worker), *args, f"--out_dir={out}"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    line = f"stopped by SIGTERM after step 2: saved {out / 'ckpt.pt'} at that step; continue with the same command and --resume=True"
+    assert stopped.returncode != 0 and stopped.stderr.count(line) == 1, stopped.stderr[-3000:]
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    resumed = subprocess.run([*torchrun, os.path.join(REPO, "train.py"), *args, f"--out_dir={out}", "--resume=True"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["step"] for e in events(out, "train")] == [1, 2, 3]
+    assert [(e["loss"], e["tokens"]) for e in events(out, "train")] == [(e["loss"], e["tokens"]) for e in two]
+    assert events(out, "eval") == events(tmp_path / "two", "eval")
+    assert_same_params(params(out), params(tmp_path / "two"), atol=0.0)
+
 
 class Crash(Exception):
     pass
 
 
-def test_resume_continues_the_same_run(tmp_path, sample_data, monkeypatch):
-    args = TINY + [steps_arg(sample_data, 6, 4), "--batch_size=4", "--micro_batch_size=2", "--eval_interval=3",
-                   "--learning_rate=3e-3"]
-    train.main(args + [f"--out_dir={tmp_path / 'straight'}"])
+def six_steps(meta: dict) -> list[str]:
+    """6 steps of 4 documents in micro-batches of 2, evaluated (and saved) at steps 3 and 6, saved at 2 and 4 too
+    (save_interval: a save changes nothing in the run)."""
+    return TINY + [steps_arg(meta, 6, 4), "--batch_size=4", "--micro_batch_size=2", "--eval_interval=3",
+                   "--save_interval=2", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def straight(sample_data, tmp_path_factory) -> str:
+    """six_steps, uninterrupted: what an interrupted and resumed run must equal."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    train.main(six_steps(sample_data) + [f"--out_dir={out}"])
+    return out
+
+
+def test_resume_continues_the_same_run(tmp_path, sample_data, monkeypatch, straight):
+    args = six_steps(sample_data)
 
     # the same run, killed right after its step-3 checkpoint (having logged nothing later), then resumed
     real_save = train.save_checkpoint
@@ -158,11 +217,72 @@ def test_resume_continues_the_same_run(tmp_path, sample_data, monkeypatch):
     assert checkpoint.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 3
     train.main(args + [f"--out_dir={tmp_path / 'resumed'}", "--resume=True"])
 
-    straight, resumed = events(tmp_path / "straight", "train"), events(tmp_path / "resumed", "train")
-    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]  # no step lost or logged twice
-    assert [(e["loss"], e["tokens"], e["lr"]) for e in straight] == [(e["loss"], e["tokens"], e["lr"]) for e in resumed]
-    assert events(tmp_path / "straight", "eval") == events(tmp_path / "resumed", "eval")
-    assert_same_params(params(tmp_path / "straight"), params(tmp_path / "resumed"), atol=0.0)
+    assert_same_run(straight, tmp_path / "resumed")
+
+
+def assert_same_run(straight, resumed) -> None:
+    """The resumed run logged every step once, with the uninterrupted run's losses, and ends with its weights."""
+    a, b = events(straight, "train"), events(resumed, "train")
+    assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]  # no step lost or logged twice
+    assert [(e["loss"], e["tokens"], e["lr"]) for e in a] == [(e["loss"], e["tokens"], e["lr"]) for e in b]
+    assert events(straight, "eval") == events(resumed, "eval")
+    assert_same_params(params(straight), params(resumed), atol=0.0)
+
+
+def test_sigterm_mid_run_saves_that_step_and_resuming_equals_the_uninterrupted_run(tmp_path, sample_data, monkeypatch,
+                                                                                   straight, capsys):
+    """SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) arrives in the middle of step 5, between
+    the evaluations at 3 and 6: the step is finished, a checkpoint written at it, and the run stops with one line
+    saying how to resume; resuming makes the uninterrupted run's steps. The previous handler is back afterwards."""
+    forward, calls = ROT5.forward, []
+
+    def forward_then_sigterm(self, *args, **kwargs):
+        calls.extend([1] if self.training else [])
+        if len(calls) == 9:  # the first micro-batch of step 5 (2 per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    def unhandled(signum, frame):  # (the default action would end pytest itself)
+        raise AssertionError("train.py left SIGTERM to its default action: the process dies, steps 4-5 are lost")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    monkeypatch.setattr(ROT5, "forward", forward_then_sigterm)
+    out = tmp_path / "preempted"
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(six_steps(sample_data) + [f"--out_dir={out}"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(ROT5, "forward", forward)
+    message = str(e.value.code)
+    assert message == (f"stopped by SIGTERM after step 5: saved {out / 'ckpt.pt'} at that step; continue with the "
+                       "same command and --resume=True")
+    assert len(calls) == 10 and checkpoint.load_checkpoint(str(out / "ckpt.pt"))["step"] == 5  # step 5 finished
+    assert "SIGTERM: finishing this optimizer step" in capsys.readouterr().err
+    train.main(six_steps(sample_data) + [f"--out_dir={out}", "--resume=True"])
+    assert_same_run(straight, out)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, sample_data, straight, capsys):
+    """Bytes flipped in the final checkpoint (step 6; a bad sector): --resume=True falls back, with a line, to the
+    previous one, which save_interval wrote at step 4, moves the damaged file aside, and redoes steps 5-6 into
+    the uninterrupted run's weights."""
+    from test_faults import flip_bytes
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    ckpt, prev = str(out / "ckpt.pt"), str(out / "ckpt.prev.pt")
+    assert checkpoint.load_checkpoint(ckpt)["step"] == 6 and checkpoint.load_checkpoint(prev)["step"] == 4
+    flip_bytes(ckpt)
+    with pytest.raises(SystemExit, match="is damaged: its contents no longer match the sha256"):
+        checkpoint.load_checkpoint(ckpt)
+    capsys.readouterr()
+    train.main(six_steps(sample_data) + [f"--out_dir={out}", "--resume=True"])
+    said = capsys.readouterr()
+    assert f"(moved it to {out / 'ckpt.damaged.pt'}); resuming from {prev}, step 4, instead" in said.out + said.err
+    assert_same_run(straight, out)
+    assert checkpoint.load_checkpoint(prev)["step"] == 4  # (the damaged file never became the previous one)
 
 
 def test_torchelastic_restart_resumes_by_itself(tmp_path, sample_data, monkeypatch):
@@ -486,10 +606,14 @@ def tiny_checkpoint(step: int) -> dict:
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
+    """A save replaces ckpt.pt whole and keeps the checkpoint it replaces as ckpt.prev.pt; a save that fails at
+    any point leaves both as they were."""
+    path, prev = str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.prev.pt")
     checkpoint.save_checkpoint(path, tiny_checkpoint(1))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
     checkpoint.save_checkpoint(path, tiny_checkpoint(2))
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+    assert checkpoint.load_checkpoint(path)["step"] == 2 and checkpoint.load_checkpoint(prev)["step"] == 1
 
     real_save = torch.save
 
@@ -501,7 +625,8 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.save_checkpoint(path, tiny_checkpoint(3))
     monkeypatch.setattr(torch, "save", real_save)
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load_checkpoint(path)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+    assert checkpoint.load_checkpoint(path)["step"] == 2 and checkpoint.load_checkpoint(prev)["step"] == 1
 
 
 def test_checkpoint_load_errors(tmp_path):
