@@ -18,6 +18,10 @@ Usage
     python train.py config/rot5_mini.py --resume=True                         # continue out_dir/ckpt.pt
     python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
     python train.py config/sample_cpu.py --help   # every key, its value (here: after the config) and what it does
+    # start from other weights (grow.py): a ROT5 checkpoint or export (continued training: a fresh optimizer and
+    # schedule, this run's data), a dense one upcycled into MoE, or an HF model; model keys come from the source
+    python train.py config/sample_cpu.py --init_from=out/sample_cpu/ckpt.pt --n_experts=4 --moe_top_k=2 --out_dir=out/moe
+    python train.py --dataset=smol --init_from=hf:HuggingFaceTB/SmolLM2-135M   # Llama-family, adapted (T5Gemma)
 
 Config: the defaults below, then config files, then --key=value (configurator.py: type-checked, unknown
 keys are errors). The model keys are ROT5Config's fields (model.py) with its defaults: T5-Base.
@@ -86,11 +90,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import grow
 import prepare
 import ul2
 from checkpoint import check_start, log_event, random_states, remove_run_temps, restart_log, resume_run, save_checkpoint
 from batch import Batch, check_batch
-from configurator import check_ranges, configure, documented_keys, help_text, wants_help
+from configurator import check_ranges, configure, documented_keys, given_keys, help_text, wants_help
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN, lm_loss
 from plot import Tracker, check_trackers
 from ul2 import MODES, UL2Batches, continuation_batches
@@ -122,6 +127,11 @@ eval_interval = 500       # steps between evaluations on the fixed validation su
 eval_docs = 500           # that subset: the first eval_docs validation documents (the seed: 500)
 eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
                           # so keep it equal across the variants you compare
+# model: where its weights start (the model's own keys are ROT5Config's, below)
+init_from = ""            # "": random | a ROT5 checkpoint or export | hf:HUB_ID or a directory (T5, Llama / Mistral,
+                          # Switch): unset model keys come from it; set ones must agree (grow.py)
+cross_init = "self"       # init_from a Llama / Mistral: cross-attention copied from self-attention ("self", T5Gemma)
+                          # or that with its output zeroed ("zero": the decoder starts as the source model)
 # system
 out_dir = "out/pretrain"  # the run's directory: ckpt.pt, metrics.jsonl, curves.png
 resume = False            # continue from out_dir/ckpt.pt (automatic after a torchrun --max-restarts restart)
@@ -145,7 +155,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100"
               ("RTX 3090", 71e12), ("RTX 4090", 165e12))
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
 RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "pack", "epochs", "max_tokens", "batch_size",
-            "learning_rate", "warmup_frac", "seed", "dtype")
+            "learning_rate", "warmup_frac", "seed", "dtype", "init_from", "cross_init")
 EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
 ADAM_EPS = 1e-8           # HF Trainer's default
 
@@ -178,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
     check_data_settings(config)
     check_trackers(config)
-    try:
-        model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
-    except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
-        raise SystemExit(str(e)) from None
+    if config["cross_init"] not in grow.CROSS_INITS:
+        raise SystemExit(f"--cross_init={config['cross_init']!r}: use {' or '.join(map(repr, grow.CROSS_INITS))}")
+    source = grow.load_source(config["init_from"], config["cross_init"]) if config["init_from"] else None
+    model_cfg = run_model_config(config, source, given_keys(argv))
 
     # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT after its rendezvous).
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -196,13 +206,14 @@ def main(argv: list[str] | None = None) -> dict:
     if world > 1:
         init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     try:
-        return train(config, model_cfg, rank, world, device)
+        return train(config, model_cfg, rank, world, device, source)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device) -> dict:
+def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device, source=None) -> dict:
+    """source: (model, tokenizer, checkpoint dict) of init_from (grow.load_source), or None: random weights."""
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
@@ -230,6 +241,14 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if not tok.mode_ids:  # T5's own vocabulary (tokenizer.py)
         raise SystemExit(f"{data_dir} was tokenized with T5's {tok.name!r}, which has no UL2 mode tokens: pre-train on "
                          "data prepared with --tokenizer mistral or gpt2 (T5's is for fine-tuning HF T5 models)")
+    if source is not None:  # the source's ids must mean what the data's do
+        try:
+            prepare.check_tokenizer(data_dir, source[1])
+        except ValueError:
+            raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} ({meta['vocab_size']:,} ids) but "
+                             f"{cfg.init_from} uses {source[1].name!r} ({source[1].vocab_size:,} ids): run `python "
+                             f"prepare.py {meta['dataset']} --tokenizer {source[1].name} --out-dir DIR` and pass DIR's "
+                             "name as --dataset") from None
     wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
     wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
     if wrong:
@@ -260,7 +279,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
 
     # -- model and optimizer ----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = ROT5(model_cfg).to(device)
+    raw_model = ROT5(model_cfg)
+    if source is not None:  # (an upcycled model's routers keep the seeded init above)
+        grow.init_weights(raw_model, source[0])
+    raw_model = raw_model.to(device)
     # (one graph per step: the model reads no value back to the host, except the Switch FFN's expert counts)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
@@ -313,6 +335,10 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         return {**run(val_batches.eval_batches(n_docs)), "continuation_loss": run(cont)["val_loss"]}
 
     c, n_opt, _ = chinchilla(budget)
+    if source is not None:
+        upcycled = model_cfg.n_experts and not source[0].cfg.n_experts
+        say(f"init_from {cfg.init_from} ({source[2]['kind']}{', step ' + str(source[2]['step']) if 'step' in source[2] else ''})"
+            + (f": upcycled to {model_cfg.n_experts} experts, top-{model_cfg.moe_top_k}" if upcycled else ""))
     say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
         f"without the embedding) | Chinchilla (Hoffmann et al. 2022) for D = {budget:.3g} tokens: C = {c:.3g} FLOPs, "
         f"N_opt = {n_opt / 1e6:.3g}M parameters")
@@ -416,6 +442,26 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if master:
         tracker.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def run_model_config(config: dict, source, given: set[str]) -> ROT5Config:
+    """The run's model: its model keys, or with init_from its source's (grow.init_config checks the keys set)."""
+    model_keys = asdict(ROT5Config()).keys()
+    if source is None:
+        if "cross_init" in given:
+            raise SystemExit("--cross_init says how to adapt a Llama / Mistral --init_from; there is none here")
+        try:
+            return ROT5Config(**{k: config[k] for k in model_keys})
+        except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
+            raise SystemExit(str(e)) from None
+    model, tok, ckpt = source
+    if not tok.mode_ids:  # T5's own vocabulary
+        raise SystemExit(f"{config['init_from']} uses T5's vocabulary ({tok.name!r}), which has no UL2 mode tokens: "
+                         f"train.py pre-trains with UL2; fine-tune it with finetune.py --init_from={config['init_from']}")
+    if "cross_init" in given and ckpt["kind"] != "hf-llama":
+        raise SystemExit(f"--cross_init says how to adapt a Llama / Mistral model; {config['init_from']} is a "
+                         f"{ckpt['kind']} model")
+    return grow.init_config(model.cfg, config, given & model_keys, config["init_from"])
 
 
 def config_help(argv: list[str]) -> str:
