@@ -38,7 +38,8 @@ Details that matter for exactness:
   and dropout where HF T5 puts it: embeddings, FFN hidden, each sublayer output, after the final norm
   (`dropout`), and on the attention probabilities (`attention_dropout`, its own key: FlexAttention cannot
   apply it, and T5 v1.1 pre-trained without dropout).
-- Tied embeddings (v1.0) scale the decoder output by d_model**-0.5 before the shared output matrix.
+- Tied embeddings (v1.0) scale the decoder output by d_model**-0.5 before the shared output matrix (Llama's tied
+  output does not: scale_output=False).
 - MoE layers are the odd-numbered ones, 1, 3, 5, ... (0-based), in both stacks (moe_step = 2; ROT5Config.moe_layer);
   `expert_load` lists the encoder's MoE layers first, then the decoder's.
 """

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.")
     p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt",
-                   help="a train.py / finetune.py checkpoint, an export directory, or an HF T5 (hf:HUB_ID or a directory)")
+                   help="a train.py / finetune.py checkpoint, an export directory, or an HF model (hf:HUB_ID or a directory)")
     p.add_argument("--mode", choices=["continue", "fill", "summarize"],
                    help="default: summarize for a fine-tuned checkpoint, else continue")
     p.add_argument("--denoiser", choices=["R", "X"],
