@@ -111,9 +111,11 @@ def init_config(source_cfg: ROT5Config, config: dict, given: set[str], source: s
     free = set(TRAINING_KEYS) | (set(MOE_KEYS) if not source_cfg.n_experts else set())
     wrong = sorted(k for k in given if k in merged and k not in free and config[k] != merged[k])
     if wrong:
-        raise SystemExit(f"{' '.join(f'--{k}={config[k]!r}' for k in wrong)} disagree(s) with {source}, whose weights "
-                         f"have {', '.join(f'{k}={merged[k]!r}' for k in wrong)}: drop the key(s), they come from the "
-                         "source" + ("" if source_cfg.n_experts else " (n_experts, moe_top_k and moe_step upcycle it)"))
+        keys = " ".join(f"--{k}={config[k]!r}" for k in wrong)
+        raise SystemExit(f"{keys} {'disagrees' if len(wrong) == 1 else 'disagree'} with {source}, whose weights have "
+                         f"{', '.join(f'{k}={merged[k]!r}' for k in wrong)}: drop {'it' if len(wrong) == 1 else 'them'} "
+                         "(unset model keys come from the source)"
+                         + ("" if source_cfg.n_experts else "; n_experts, moe_top_k and moe_step may upcycle it"))
     merged.update({k: config[k] for k in given if k in free})
     try:
         return ROT5Config(**merged)

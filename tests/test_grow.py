@@ -148,11 +148,11 @@ def test_init_config_takes_the_source_and_refuses_what_disagrees():
     assert cfg == dataclasses.replace(src, dropout=0.2, n_experts=8, moe_top_k=2)  # d_model=768 was not given
     with pytest.raises(SystemExit) as e:
         init_config(src, config, {"d_model", "dropout"}, "src.pt")
-    assert "--d_model=768 disagree(s) with src.pt, whose weights have d_model=64" in one_line(e)
+    assert "--d_model=768 disagrees with src.pt, whose weights have d_model=64: drop it" in one_line(e)
     moe = dataclasses.replace(src, n_experts=4)
     with pytest.raises(SystemExit) as e:   # an MoE source's experts are its weights
         init_config(moe, config, {"n_experts"}, "moe.pt")
-    assert "--n_experts=8 disagree(s) with moe.pt, whose weights have n_experts=4" in one_line(e)
+    assert "--n_experts=8 disagrees with moe.pt, whose weights have n_experts=4" in one_line(e)
     with pytest.raises(SystemExit) as e:
         init_config(src, {**config, "moe_top_k": 9}, {"moe_top_k", "n_experts"}, "src.pt")
     assert "--init_from=src.pt: moe_top_k=9 must be <= n_experts=8" in one_line(e)
@@ -231,7 +231,7 @@ def test_init_from_errors_are_one_line(work):
     os.chdir(work["dir"])
     for argv, message in [
             (["--init_from=dense/ckpt.pt", "--d_model=128"],
-             "--d_model=128 disagree(s) with dense/ckpt.pt, whose weights have d_model=64"),
+             "--d_model=128 disagrees with dense/ckpt.pt, whose weights have d_model=64"),
             (["--init_from=missing/ckpt.pt"], "no checkpoint at missing/ckpt.pt"),
             (["--init_from=dense/ckpt.pt", "--cross_init=zero"], "is a pretrain model"),
             (["--cross_init=zero"], "--cross_init says how to adapt a Llama / Mistral --init_from; there is none here"),
