@@ -336,8 +336,9 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
 
     c, n_opt, _ = chinchilla(budget)
     if source is not None:
+        kind, step = source[2]["kind"], source[2].get("step")
         upcycled = model_cfg.n_experts and not source[0].cfg.n_experts
-        say(f"init_from {cfg.init_from} ({source[2]['kind']}{', step ' + str(source[2]['step']) if 'step' in source[2] else ''})"
+        say(f"init_from {cfg.init_from} ({kind}{'' if step is None else f', step {step}'})"
             + (f": upcycled to {model_cfg.n_experts} experts, top-{model_cfg.moe_top_k}" if upcycled else ""))
     say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
         f"without the embedding) | Chinchilla (Hoffmann et al. 2022) for D = {budget:.3g} tokens: C = {c:.3g} FLOPs, "
@@ -459,8 +460,8 @@ def run_model_config(config: dict, source, given: set[str]) -> ROT5Config:
         raise SystemExit(f"{config['init_from']} uses T5's vocabulary ({tok.name!r}), which has no UL2 mode tokens: "
                          f"train.py pre-trains with UL2; fine-tune it with finetune.py --init_from={config['init_from']}")
     if "cross_init" in given and ckpt["kind"] != "hf-llama":
-        raise SystemExit(f"--cross_init says how to adapt a Llama / Mistral model; {config['init_from']} is a "
-                         f"{ckpt['kind']} model")
+        raise SystemExit(f"--cross_init says how to adapt a Llama / Mistral model; {config['init_from']} is not one "
+                         f"(a {ckpt['kind']} checkpoint)")
     return grow.init_config(model.cfg, config, given & model_keys, config["init_from"])
 
 

@@ -233,7 +233,7 @@ def test_init_from_errors_are_one_line(work):
             (["--init_from=dense/ckpt.pt", "--d_model=128"],
              "--d_model=128 disagrees with dense/ckpt.pt, whose weights have d_model=64"),
             (["--init_from=missing/ckpt.pt"], "no checkpoint at missing/ckpt.pt"),
-            (["--init_from=dense/ckpt.pt", "--cross_init=zero"], "is a pretrain model"),
+            (["--init_from=dense/ckpt.pt", "--cross_init=zero"], "dense/ckpt.pt is not one (a pretrain checkpoint)"),
             (["--cross_init=zero"], "--cross_init says how to adapt a Llama / Mistral --init_from; there is none here"),
             (["--init_from=dense/ckpt.pt", "--cross_init=copy"], "--cross_init='copy': use 'self' or 'zero'"),
             ([f"--init_from={work['llama']}"],   # the Llama's own vocabulary, on Mistral-tokenized data
