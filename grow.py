@@ -33,6 +33,8 @@ from model import ROT5, ROT5Config
 # ROT5Config keys that say how a model trains or runs, not what its weights compute: a run may set them freely
 TRAINING_KEYS = ("dropout", "attention_dropout", "attention", "aux_loss_coef", "z_loss_coef")
 MOE_KEYS = ("n_experts", "moe_top_k", "moe_step")   # a run sets them freely when it upcycles a dense source
+ADAPTATION_KEYS = ("cross_rope",)                    # ... and these when it adapts a decoder-only source, which has no
+                                                     # cross-attention of its own
 CROSS_INITS = ("self", "zero")                       # hf_llama.from_hf_llama's cross_init
 
 # Hugging Face model_types ROT5 cannot compute, each with why (one line each); a model_type in neither table is
@@ -104,11 +106,13 @@ def hf_config(source: str) -> dict:
 
 # -- a run that starts from a source ---------------------------------------------------------------------------
 
-def init_config(source_cfg: ROT5Config, config: dict, given: set[str], source: str) -> ROT5Config:
-    """The run's ROT5Config: the source's, with the run's training-time keys (TRAINING_KEYS) and, when it upcycles
-    a dense source, its MoE keys. Any other model key the run sets (in `given`) must equal the source's."""
+def init_config(source_cfg: ROT5Config, config: dict, given: set[str], source: str, adapted: bool = False) -> ROT5Config:
+    """The run's ROT5Config: the source's, with the run's training-time keys (TRAINING_KEYS), its MoE keys when it
+    upcycles a dense source, and its ADAPTATION_KEYS when the source is a decoder-only model adapted by hf_llama
+    (adapted). Any other model key the run sets (in `given`) must equal the source's."""
     merged = dataclasses.asdict(source_cfg)
-    free = set(TRAINING_KEYS) | (set(MOE_KEYS) if not source_cfg.n_experts else set())
+    free = set(TRAINING_KEYS) | (set(MOE_KEYS) if not source_cfg.n_experts else set()) | \
+        (set(ADAPTATION_KEYS) if adapted else set())
     wrong = sorted(k for k in given if k in merged and k not in free and config[k] != merged[k])
     if wrong:
         keys = " ".join(f"--{k}={config[k]!r}" for k in wrong)

@@ -70,6 +70,9 @@ LLAMA = dict(hidden_size=256, intermediate_size=672, num_hidden_layers=2, num_at
 ROW = 256                 # decoder-only rows: documents back to back (BOS doc EOS ...), as GPT-style pre-training
 ROWS_PER_STEP = 4
 MOE = dict(n_experts=4, moe_top_k=2)   # upcycled: exact at step 0 (grow.py), 4 experts in every other layer
+# the adapted model's continuation, as train.py --init_from adapts it by default (cross-attention a copy of
+# self-attention, without RoPE), and with the other ways its cross-attention can start: the same budget each
+ADAPTED_ARMS = {"adapted": [], "adapted_rope": ["--cross_rope=True"], "adapted_zero": ["--cross_init=zero"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,15 +108,19 @@ def adapt(seeds: list[int]) -> str:
         pre = once(src, lambda: pretrain_llama(os.path.join("data", DATA), tok_dir, src, seed, quick_tokens))
         step0 = once(os.path.join(OUT, f"seed{seed}", "adapted_step0"), lambda: adapted_step0(src))
         argv = [f"--{k}={v}" for k, v in TRAIN_KEYS.items()] + [f"--dataset={DATA}", f"--seed={seed}"]
-        adapted = once(os.path.join(OUT, f"seed{seed}", "adapted"), lambda: run_train(
-            argv + [f"--init_from={src}", f"--max_tokens={extra_tokens!r}"], os.path.join(OUT, f"seed{seed}", "adapted")))
+        arms = {}
+        for arm, keys in ADAPTED_ARMS.items():
+            arm_dir = os.path.join(OUT, f"seed{seed}", arm)
+            arms[arm] = once(arm_dir, lambda: run_train(argv + [f"--init_from={src}", *keys,
+                                                                f"--max_tokens={extra_tokens!r}"], arm_dir))
+        adapted = arms["adapted"]
         cfg = ROT5Config(**adapted["model_config"])
         f_rot5 = flops_per_token(cfg, os.path.join("data", DATA), seed)
         scratch_tokens = extra_tokens + pre["flops"] / f_rot5
         model_keys = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
         scratch = once(os.path.join(OUT, f"seed{seed}", "scratch"), lambda: run_train(
             argv + model_keys + [f"--max_tokens={scratch_tokens!r}"], os.path.join(OUT, f"seed{seed}", "scratch")))
-        rows[seed] = {"pre": pre, "step0": step0, "adapted": adapted, "scratch": scratch, "f_rot5": f_rot5}
+        rows[seed] = {"pre": pre, "step0": step0, **arms, "scratch": scratch, "f_rot5": f_rot5}
     return adapt_report(rows, meta)
 
 
@@ -249,16 +256,32 @@ def adapt_report(rows: dict, meta: dict) -> str:
               row("adapted, step 0, cross-attention = self-attention with ROT5's RoPE", [x["step0"]["self_rope"] for x in r]),
               row("adapted, step 0, cross-attention silenced (cross_init=zero)", [x["step0"]["zero"] for x in r]),
               row("adapted + UL2: continuation loss", [x["adapted"]["full_continuation_loss"] for x in r]),
+              row("adapted with RoPE in cross-attention + UL2: continuation loss",
+                  [x["adapted_rope"]["full_continuation_loss"] for x in r]),
+              row("adapted, cross_init=zero, + UL2: continuation loss", [x["adapted_zero"]["full_continuation_loss"] for x in r]),
               row("scratch: continuation loss", [x["scratch"]["full_continuation_loss"] for x in r]),
               row("adapted + UL2: UL2 validation loss", [x["adapted"]["full_val_loss"] for x in r]),
+              row("adapted with RoPE in cross-attention + UL2: UL2 validation loss", [x["adapted_rope"]["full_val_loss"] for x in r]),
+              row("adapted, cross_init=zero, + UL2: UL2 validation loss", [x["adapted_zero"]["full_val_loss"] for x in r]),
               row("scratch: UL2 validation loss", [x["scratch"]["full_val_loss"] for x in r])]
-    lines += ["", paired_line("continuation loss, adapted - scratch", [x["adapted"]["full_continuation_loss"] -
-                                                                        x["scratch"]["full_continuation_loss"] for x in r]),
-              paired_line("UL2 validation loss, adapted - scratch", [x["adapted"]["full_val_loss"] -
-                                                                     x["scratch"]["full_val_loss"] for x in r]),
+
+    def diff(a: str, b: str, metric: str) -> list[float]:
+        return [x[a][metric] - x[b][metric] for x in r]
+
+    lines += ["", paired_line("continuation loss, adapted - scratch", diff("adapted", "scratch", "full_continuation_loss")),
+              paired_line("UL2 validation loss, adapted - scratch", diff("adapted", "scratch", "full_val_loss")),
+              paired_line("continuation loss, adapted (cross_init=zero) - scratch",
+                          diff("adapted_zero", "scratch", "full_continuation_loss")),
               paired_line("step 0, RoPE in cross-attention - none", [x["step0"]["self_rope"] - x["step0"]["self"] for x in r]),
+              paired_line("after UL2, RoPE in cross-attention - none: continuation loss",
+                          diff("adapted_rope", "adapted", "full_continuation_loss")),
+              paired_line("after UL2, RoPE in cross-attention - none: UL2 validation loss",
+                          diff("adapted_rope", "adapted", "full_val_loss")),
+              paired_line("after UL2, cross_init zero - self: continuation loss",
+                          diff("adapted_zero", "adapted", "full_continuation_loss")),
               "", "Wall time per seed: " + "; ".join(
-                  f"seed {s}: Llama {x['pre']['wall_s'] / 60:.1f} min, adapted {x['adapted']['wall_s'] / 60:.1f} min, "
+                  f"seed {s}: Llama {x['pre']['wall_s'] / 60:.1f} min, adapted {x['adapted']['wall_s'] / 60:.1f} min "
+                  f"(each arm), "
                   f"scratch {x['scratch']['wall_s'] / 60:.1f} min" for s, x in zip(seeds, r)) + "."]
     return "\n".join(lines) + "\n"
 

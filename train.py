@@ -462,7 +462,7 @@ def run_model_config(config: dict, source, given: set[str]) -> ROT5Config:
     if "cross_init" in given and ckpt["kind"] != "hf-llama":
         raise SystemExit(f"--cross_init says how to adapt a Llama / Mistral model; {config['init_from']} is not one "
                          f"(a {ckpt['kind']} checkpoint)")
-    return grow.init_config(model.cfg, config, given & model_keys, config["init_from"])
+    return grow.init_config(model.cfg, config, given & model_keys, config["init_from"], ckpt["kind"] == "hf-llama")
 
 
 def config_help(argv: list[str]) -> str:

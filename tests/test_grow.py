@@ -153,6 +153,10 @@ def test_init_config_takes_the_source_and_refuses_what_disagrees():
     with pytest.raises(SystemExit) as e:   # an MoE source's experts are its weights
         init_config(moe, config, {"n_experts"}, "moe.pt")
     assert "--n_experts=8 disagrees with moe.pt, whose weights have n_experts=4" in one_line(e)
+    with pytest.raises(SystemExit) as e:   # cross_rope is the source's, unless the source is a decoder-only model
+        init_config(src, {**config, "cross_rope": False}, {"cross_rope"}, "src.pt")
+    assert "--cross_rope=False disagrees with src.pt" in one_line(e)
+    assert not init_config(src, {**config, "cross_rope": False}, {"cross_rope"}, "llama", adapted=True).cross_rope
     with pytest.raises(SystemExit) as e:
         init_config(src, {**config, "moe_top_k": 9}, {"moe_top_k", "n_experts"}, "src.pt")
     assert "--init_from=src.pt: moe_top_k=9 must be <= n_experts=8" in one_line(e)
