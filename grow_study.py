@@ -71,8 +71,10 @@ ROW = 256                 # decoder-only rows: documents back to back (BOS doc E
 ROWS_PER_STEP = 4
 MOE = dict(n_experts=4, moe_top_k=2)   # upcycled: exact at step 0 (grow.py), 4 experts in every other layer
 # the adapted model's continuation, as train.py --init_from adapts it by default (cross-attention a copy of
-# self-attention, without RoPE), and with the other ways its cross-attention can start: the same budget each
-ADAPTED_ARMS = {"adapted": [], "adapted_rope": ["--cross_rope=True"], "adapted_zero": ["--cross_init=zero"]}
+# self-attention, without RoPE), with the other ways its cross-attention can start, and with a peak learning
+# rate 4.7x lower than the from-scratch recipe's (continued training usually takes a lower one): the same budget each
+ADAPTED_ARMS = {"adapted": [], "adapted_rope": ["--cross_rope=True"], "adapted_zero": ["--cross_init=zero"],
+                "adapted_low_lr": ["--learning_rate=0.0003"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,10 +261,13 @@ def adapt_report(rows: dict, meta: dict) -> str:
               row("adapted with RoPE in cross-attention + UL2: continuation loss",
                   [x["adapted_rope"]["full_continuation_loss"] for x in r]),
               row("adapted, cross_init=zero, + UL2: continuation loss", [x["adapted_zero"]["full_continuation_loss"] for x in r]),
+              row("adapted, peak learning rate 3e-4, + UL2: continuation loss",
+                  [x["adapted_low_lr"]["full_continuation_loss"] for x in r]),
               row("scratch: continuation loss", [x["scratch"]["full_continuation_loss"] for x in r]),
               row("adapted + UL2: UL2 validation loss", [x["adapted"]["full_val_loss"] for x in r]),
               row("adapted with RoPE in cross-attention + UL2: UL2 validation loss", [x["adapted_rope"]["full_val_loss"] for x in r]),
               row("adapted, cross_init=zero, + UL2: UL2 validation loss", [x["adapted_zero"]["full_val_loss"] for x in r]),
+              row("adapted, peak learning rate 3e-4, + UL2: UL2 validation loss", [x["adapted_low_lr"]["full_val_loss"] for x in r]),
               row("scratch: UL2 validation loss", [x["scratch"]["full_val_loss"] for x in r])]
 
     def diff(a: str, b: str, metric: str) -> list[float]:
@@ -272,6 +277,8 @@ def adapt_report(rows: dict, meta: dict) -> str:
               paired_line("UL2 validation loss, adapted - scratch", diff("adapted", "scratch", "full_val_loss")),
               paired_line("continuation loss, adapted (cross_init=zero) - scratch",
                           diff("adapted_zero", "scratch", "full_continuation_loss")),
+              paired_line("continuation loss, adapted (learning rate 3e-4) - scratch",
+                          diff("adapted_low_lr", "scratch", "full_continuation_loss")),
               paired_line("step 0, RoPE in cross-attention - none", [x["step0"]["self_rope"] - x["step0"]["self"] for x in r]),
               paired_line("after UL2, RoPE in cross-attention - none: continuation loss",
                           diff("adapted_rope", "adapted", "full_continuation_loss")),
