@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import configurator
 import prepare
 import sample
 import train
@@ -139,6 +140,13 @@ def test_upcycled_top1_scales_the_ffn_by_the_router_probability():
     assert relative(ours, ref, labels) < 1e-5
     assert relative(logits_and_loss(moe_model(dense, n_experts=4, moe_top_k=1), x, am, labels)[0],
                     logits_and_loss(dense, x, am, labels)[0], labels) > 1e-2
+
+
+def test_given_keys_are_the_ones_set_whatever_their_values(tmp_path):
+    """A key set to its default value is still set (it must agree with the source); config files count too."""
+    (tmp_path / "c.py").write_text("d_model = 768  # T5-Base's, the default\n_helper = 1\n")
+    assert configurator.given_keys([str(tmp_path / "c.py"), "--dropout=0.1", "--init_from=x"]) == \
+        {"d_model", "dropout", "init_from"}
 
 
 def test_init_config_takes_the_source_and_refuses_what_disagrees():
