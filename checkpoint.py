@@ -34,9 +34,11 @@ T5ForConditionalGeneration.save_pretrained directory (hf_t5.to_hf_t5; with T5's 
 uses T5's tokenizer). A directory is written under a temporary name and
 renamed into place when complete; an existing one is never written into.
 
-load_model also reads Hugging Face T5 / T5 v1.1 / FLAN-T5 models: "hf:HUB_ID" (downloaded with huggingface_hub
-into its cache) or a save_pretrained directory, through hf_t5.from_hf_t5, with T5's own tokenizer (the
-spiece.model beside the weights, tokenizer "t5:HUB_ID_OR_DIR"). That is how finetune.py fine-tunes FLAN-T5.
+load_model also reads Hugging Face models: "hf:HUB_ID" (downloaded with huggingface_hub into its cache) or a
+save_pretrained directory, by model_type (grow.load_hf): T5 / T5 v1.1 / FLAN-T5 through hf_t5.from_hf_t5 and
+Switch Transformers through hf_switch.from_hf_switch, with T5's own tokenizer (the spiece.model beside the
+weights, tokenizer "t5:HUB_ID_OR_DIR"); Llama / Mistral causal LMs adapted into an encoder-decoder by
+hf_llama.from_hf_llama, with their tokenizer.json ("hf:HUB_ID_OR_DIR"). That is how finetune.py fine-tunes FLAN-T5.
 """
 from __future__ import annotations
 
@@ -167,10 +169,16 @@ RUNTIME_FIELDS = ("attention",)
 
 def model_config(ckpt: dict) -> dict:
     """A checkpoint's model_config as this model.py reads it. Checkpoints older than the attention_dropout and
-    attention fields had one dropout rate for everything and no kernel choice."""
+    attention fields had one dropout rate for everything and no kernel choice; older than scale_output, moe_step
+    and cross_rope, they computed what those fields' defaults compute (T5's scaled tied output, MoE in every other
+    layer, RoPE in cross-attention)."""
+    from model import ROT5Config
+
     config = dict(ckpt["model_config"])
     config.setdefault("attention_dropout", config.get("dropout", 0.1))
     config.setdefault("attention", "auto")
+    for name in ("scale_output", "moe_step", "cross_rope"):
+        config.setdefault(name, getattr(ROT5Config, name))
     return config
 
 
@@ -184,15 +192,15 @@ def _instead(path: str) -> str:
 
 def load_model(path: str, device: str | torch.device = "cpu"):
     """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint, an
-    export directory, or a Hugging Face T5 model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
-    kind "hf-t5", the source and an empty run config)."""
-    from hf_t5 import load_hf_t5
+    export directory, or a Hugging Face model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
+    kind "hf-t5", "hf-llama" or "hf-switch", the source and an empty run config)."""
+    from grow import is_hf_source, load_hf
     from model import ROT5, ROT5Config
     from tokenizer import get_tokenizer
 
-    if path.startswith("hf:") or (os.path.isdir(path) and read_config_json(path).get("model_type") != "rot5"):
-        model, tok = load_hf_t5(path)
-        return model.to(device).eval(), tok, {"kind": "hf-t5", "source": path, "config": {}}
+    if is_hf_source(path):
+        model, tok, kind = load_hf(path)
+        return model.to(device).eval(), tok, {"kind": kind, "source": path, "config": {}}
     ckpt = load_export(path) if os.path.isdir(path) else load_checkpoint(path)
     known = {f.name for f in dataclasses.fields(ROT5Config)}
     unknown = sorted(set(ckpt["model_config"]) - known)
@@ -265,7 +273,7 @@ def export(ckpt_path: str, out: str, hf: bool = False) -> None:
 
 
 # where an export keeps its tokenizer's model file, by kind of tokenizer (T5's: the name HF's T5Tokenizer reads)
-TOKENIZER_FILES = {"mistral": "tokenizer.model", "t5": "spiece.model"}
+TOKENIZER_FILES = {"mistral": "tokenizer.model", "t5": "spiece.model", "hf": "tokenizer.json"}
 
 
 def copy_tokenizer(tok, directory: str) -> dict:
@@ -278,6 +286,8 @@ def copy_tokenizer(tok, directory: str) -> dict:
     if name is None:
         return {}
     shutil.copy(tok.model_file, os.path.join(directory, name))
+    if name == "tokenizer.json":  # and the file beside it that names its eos and bos (tokenizer.hf_special_ids)
+        shutil.copy(os.path.join(os.path.dirname(tok.model_file), "tokenizer_config.json"), directory)
     return {"tokenizer_file": name, "tokenizer_sha256": sha256_file(tok.model_file)}
 
 
@@ -299,7 +309,9 @@ def model_card(ckpt: dict, model, tok, source: str, out: str, hf: bool) -> str:
     checkpoint's metrics), and how to use it. Only what the checkpoint records."""
     config, metrics, cfg = ckpt.get("config") or {}, ckpt.get("metrics") or {}, model.cfg
     what = {"pretrain": "pre-trained with UL2 by train.py", "finetune": "fine-tuned for summarization by finetune.py",
-            "hf-t5": "a Hugging Face T5"}.get(ckpt.get("kind"), ckpt.get("kind", "?"))
+            "hf-t5": "a Hugging Face T5", "hf-switch": "a Hugging Face Switch Transformer",
+            "hf-llama": "a Hugging Face Llama-family decoder adapted into an encoder-decoder (T5Gemma)"}.get(
+        ckpt.get("kind"), ckpt.get("kind", "?"))
     attention = f"{cfg.n_heads} heads x {cfg.head_dim}" + (f", {cfg.n_kv_heads} K/V heads (GQA)"
                                                           if cfg.n_kv_heads < cfg.n_heads else "")
     rows = [("model", f"ROT5 encoder-decoder, {what}; {model.num_params():,} parameters "
@@ -393,7 +405,7 @@ def read_config_json(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
-                         "nor a Hugging Face T5 model (save_pretrained)")
+                         "nor a Hugging Face model (save_pretrained)")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -38,6 +38,16 @@ def configure(defaults: dict, argv: list[str]) -> dict:
     return config
 
 
+def given_keys(argv: list[str]) -> set[str]:
+    """The keys that argv's config files and --key=value overrides set, whatever their values (configure's result
+    cannot tell a key set to its default from one left alone): train.py --init_from takes every model key the
+    run does not set from its source."""
+    keys: set[str] = set()
+    for arg in argv:
+        keys |= {arg[2:].partition("=")[0]} if arg.startswith("--") else read_config_file(arg).keys()
+    return keys
+
+
 def check_ranges(config: dict, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
                  fractions: tuple[str, ...] = ()) -> None:
     """One-line errors for keys that must be > 0, >= 0, or in [0, 1)."""

@@ -95,7 +95,8 @@ DEFAULTS: dict = dict(
     decoder_len=128,                    # summary tokens incl. eos; also the generation budget
     pack=True,                          # several pairs per training row (ul2.pack_examples): no compute on padding
     # model
-    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF T5: hf:HUB_ID / a directory
+    init_from="out/rot5_mini/ckpt.pt",  # a pre-trained (or fine-tuned) ROT5 checkpoint, or an HF model (T5, Switch, a
+                                        # Llama / Mistral adapted): hf:HUB_ID / a directory
     dropout=0.1,                        # T5 fine-tunes with dropout 0.1, whatever pre-training used
     # optimization: AdamW (betas 0.9, 0.999), as pre-training
     batch_size=32,                      # pairs per optimizer step

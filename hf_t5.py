@@ -2,17 +2,15 @@
 
     from_hf_t5(hf_model)  HF T5ForConditionalGeneration (T5, T5 v1.1, FLAN-T5) -> ROT5, identical outputs
     to_hf_t5(model)       the inverse, for the T5 baseline (position "t5", multi-head, dense)
-    load_hf_t5(source)    "hf:HUB_ID" (downloaded with huggingface_hub into its cache) or a save_pretrained
-                          directory -> (ROT5, its T5 tokenizer), with one-line errors; checkpoint.load_model
-                          reads HF T5 models through it, so sample.py and finetune.py --init_from=hf:... do too
+    load_hf_t5(source, config)  "hf:HUB_ID" (downloaded with huggingface_hub into its cache) or a save_pretrained
+                          directory, and its config.json -> (ROT5, its T5 tokenizer), with one-line errors;
+                          checkpoint.load_model reads HF T5 models through it (grow.load_hf picks it by
+                          model_type), so sample.py and finetune.py --init_from=hf:... do too
 
 Both directions read one name table (hf_t5_names): ROT5 fuses q|k|v, cross-attention k|v and v1.1's
 wi_0|wi_1 into one matrix each, HF keeps them apart; HF keeps one relative-bias table per stack in its block 0.
 """
 from __future__ import annotations
-
-import json
-import os
 
 import torch
 from torch import nn
@@ -113,10 +111,11 @@ def hf_t5_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
     return names
 
 
-def load_hf_t5(source: str):
-    """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory,
-    its weights through from_hf_t5, its spiece.model as the tokenizer "t5:HUB_ID_OR_DIR". One line on failure."""
-    from checkpoint import first_line, read_config_json
+def load_hf_t5(source: str, config: dict):
+    """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory
+    (config: its config.json, model_type "t5"), its weights through from_hf_t5, its spiece.model as the tokenizer
+    "t5:HUB_ID_OR_DIR". One line on failure."""
+    from checkpoint import first_line
     from tokenizer import get_tokenizer
 
     try:
@@ -124,32 +123,12 @@ def load_hf_t5(source: str):
     except ImportError:
         raise SystemExit(f"{source}: reading Hugging Face T5 models needs transformers: pip install transformers") from None
     where = source.removeprefix("hf:")  # a hub id or a directory
-    if os.path.isdir(where):
-        config = read_config_json(where)
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            with open(hf_hub_download(repo_id=where, filename="config.json"), encoding="utf-8") as f:
-                config = json.load(f)
-        except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
-            raise SystemExit(f"could not download {where}/config.json from the Hugging Face hub ({type(e).__name__}: "
-                             f"{first_line(e)[:160]}); offline, pass a local save_pretrained directory instead") from None
-    if config.get("model_type") != "t5":
-        raise SystemExit(f"{source} is a {config.get('model_type')!r} model, not T5: ROT5 reads T5, T5 v1.1 and "
-                         "FLAN-T5 models (model_type 't5')")
     try:
         tok = get_tokenizer(t5_tokenizer_name(source))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    try:
-        hf, info = T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True)
-        model = from_hf_t5(hf)
-    except (OSError, ValueError) as e:  # no weights file, a config T5 cannot build, ...: transformers' own words
-        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    except Exception as e:  # noqa: BLE001 - a cut or foreign weights file (safetensors' SafetensorError, ...)
-        raise SystemExit(f"{source}: its weights cannot be loaded ({type(e).__name__}: {first_line(e)[:200]}): save "
-                         "or download the model again") from None
+    hf, info = read_hf_weights(source, lambda: T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True))
+    model = read_hf_weights(source, lambda: from_hf_t5(hf))
     if info["missing_keys"]:  # transformers would fill them with random weights
         raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a T5 encoder-decoder (e.g. "
                          f"{sorted(info['missing_keys'])[0]}): it is not a whole T5ForConditionalGeneration")
@@ -159,6 +138,20 @@ def load_hf_t5(source: str):
                          f"but the model has vocab_size={c.vocab_size}, pad {c.pad_token_id}, eos {c.eos_token_id}: "
                          "it is not this model's tokenizer")
     return model, tok
+
+
+def read_hf_weights(source: str, read):
+    """read() (a from_pretrained or a conversion of HF weights), or one line naming `source` on failure: the HF
+    loaders of hf_t5.py, hf_switch.py and hf_llama.py all read their weights through it."""
+    from checkpoint import first_line
+
+    try:
+        return read()
+    except (OSError, ValueError) as e:  # no weights file, a config ROT5 or HF cannot build, ...: their own words
+        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
+    except Exception as e:  # noqa: BLE001 - a cut or foreign weights file (safetensors' SafetensorError, ...)
+        raise SystemExit(f"{source}: its weights cannot be loaded ({type(e).__name__}: {first_line(e)[:200]}): save "
+                         "or download the model again") from None
 
 
 def t5_tokenizer_name(source: str) -> str:

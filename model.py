@@ -8,8 +8,10 @@ then changes one thing:
 
     position="rope"      learned bucketed relative bias -> rotary embeddings in all three attentions
     n_kv_heads < n_heads multi-head -> grouped-query attention (Ainslie et al. 2023), smaller KV cache
-    n_experts > 0        dense FFN -> Switch MoE FFN in every other layer (Fedus et al. 2021)
+    n_experts > 0        dense FFN -> Switch MoE FFN in every other layer (Fedus et al. 2021; moe_step)
     ffn="gated-gelu", tie_embeddings=False   T5 v1.0 -> v1.1 (Shazeer 2020 GEGLU, untied output layer)
+    ffn="gated-silu", scale_output=False, cross_rope=False   a Llama-family decoder's layers (SwiGLU, tied output
+                         without T5's scale): an encoder-decoder adapted from one (T5Gemma; hf_llama.py)
 
 One input layout. Every teacher-forced forward (training, evaluation, scoring) takes a `batch.Batch` of rows
 with segment ids: a row holds one example (a padded row is one segment) or several (packed rows, ul2.py).
@@ -36,9 +38,10 @@ Details that matter for exactness:
   and dropout where HF T5 puts it: embeddings, FFN hidden, each sublayer output, after the final norm
   (`dropout`), and on the attention probabilities (`attention_dropout`, its own key: FlexAttention cannot
   apply it, and T5 v1.1 pre-trained without dropout).
-- Tied embeddings (v1.0) scale the decoder output by d_model**-0.5 before the shared output matrix.
-- MoE layers are the odd-numbered ones, 1, 3, 5, ... (0-based), in both stacks; `expert_load` lists the
-  encoder's MoE layers first, then the decoder's.
+- Tied embeddings (v1.0) scale the decoder output by d_model**-0.5 before the shared output matrix (Llama's tied
+  output does not: scale_output=False).
+- MoE layers are the odd-numbered ones, 1, 3, 5, ... (0-based), in both stacks (moe_step = 2; ROT5Config.moe_layer);
+  `expert_load` lists the encoder's MoE layers first, then the decoder's.
 """
 from __future__ import annotations
 
@@ -66,9 +69,12 @@ class ROT5Config:
     n_encoder_layers: int = 12   # encoder blocks
     n_decoder_layers: int = 12   # decoder blocks
     position: str = "t5"         # "t5": learned bucketed relative bias | "rope"
-    ffn: str = "relu"            # "relu" (T5 v1.0) | "gated-gelu" (T5 v1.1)
+    ffn: str = "relu"            # "relu" (T5 v1.0) | "gated-gelu" (T5 v1.1) | "gated-silu" (SwiGLU: Llama, Mistral)
     tie_embeddings: bool = True  # v1.0: shared in/out embedding, decoder output scaled by d_model**-0.5
-    n_experts: int = 0           # 0: dense FFN; > 0: Switch MoE FFN in every other layer (Switch Transformer)
+    scale_output: bool = True    # tie_embeddings: that d_model**-0.5 scale (T5); False: none (Llama's tied output)
+    n_experts: int = 0           # 0: dense FFN; > 0: Switch MoE FFN in every moe_step-th layer (Switch Transformer)
+    moe_step: int = 2            # MoE layers: i % moe_step == 1 (1, 3, 5, ... for 2), every layer for 1 (HF Switch's
+                                 # sparse_step)
     moe_top_k: int = 1           # experts each token is routed to (MoE)
     aux_loss_coef: float = 1e-2  # Switch eq. 4; 0 turns it off
     z_loss_coef: float = 1e-3    # ST-MoE router z-loss; 0 turns it off
@@ -77,6 +83,8 @@ class ROT5Config:
                                  # 0 lets compiled CUDA runs use FlexAttention, which cannot drop them
     attention: str = "auto"      # kernel: "sdpa" | "flex" | "auto" (flex when compiled on CUDA: use_flex)
     rope_theta: float = 10000.0  # RoPE's base (position = "rope")
+    cross_rope: bool = True      # position = "rope": rotate cross-attention by decoder and encoder positions;
+                                 # False: no position signal there, as T5 and T5Gemma (adapted models)
     relative_attention_num_buckets: int = 32     # T5's relative-position buckets (position = "t5")
     relative_attention_max_distance: int = 128   # distance from which T5's buckets are shared (position = "t5")
     norm_eps: float = 1e-6       # RMSNorm's epsilon
@@ -90,7 +98,7 @@ class ROT5Config:
             if not isinstance(v, kinds[f.type]) or (f.type != "bool" and isinstance(v, bool)):
                 raise ValueError(f"ROT5Config.{f.name} must be a {f.type}, got {v!r}")
         positive = ["vocab_size", "d_model", "n_heads", "head_dim", "n_kv_heads", "d_ff", "n_encoder_layers",
-                    "n_decoder_layers", "moe_top_k", "rope_theta", "relative_attention_num_buckets",
+                    "n_decoder_layers", "moe_top_k", "moe_step", "rope_theta", "relative_attention_num_buckets",
                     "relative_attention_max_distance", "norm_eps"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -98,7 +106,8 @@ class ROT5Config:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
                              "(grouped-query attention)")
-        choices = {"position": ("t5", "rope"), "ffn": ("relu", "gated-gelu"), "attention": ("auto", "sdpa", "flex")}
+        choices = {"position": ("t5", "rope"), "ffn": ("relu", "gated-gelu", "gated-silu"),
+                   "attention": ("auto", "sdpa", "flex")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
@@ -120,6 +129,11 @@ class ROT5Config:
         for name in ("pad_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, vocab_size={self.vocab_size})")
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether layer i (0-based, in either stack) is a Switch FFN: every moe_step-th layer from layer 1, or every
+        layer for moe_step 1 -- HF SwitchTransformers' rule (i % sparse_step == 1), so its checkpoints load as they are."""
+        return self.n_experts > 0 and (self.moe_step == 1 or i % self.moe_step == 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +363,9 @@ class CrossAttention(nn.Module):
     """Decoder queries attend to the encoder output. K/V depend only on the encoder output, so they are
     projected once per forward (or per prompt, when generating: `project_kv`). With RoPE the query is
     rotated with its decoder position i and the key with its encoder position j, so the score depends on
-    i - j (as T5's relative bias would; T5 itself has no position signal in cross-attention)."""
+    i - j (as T5's relative bias would; T5 itself has no position signal in cross-attention). cross_rope=False
+    drops that rotation (T5Gemma): a cross-attention copied from a causal LM's self-attention has only ever
+    seen keys at offsets i - j >= 0, which its rotation would place at every offset to the right instead."""
 
     def __init__(self, cfg: ROT5Config):
         super().__init__()
@@ -394,11 +410,12 @@ torch._dynamo.config.capture_scalar_outputs = True
 
 class FFN(nn.Module):
     """T5 v1.0: wo(relu(wi x)). v1.1: wo(gelu(wi_0 x) * wi_1 x) (GEGLU, Shazeer 2020), with the tanh gelu
-    approximation HF calls gelu_new; wi_0 and wi_1 are fused into one (2 d_ff, d_model) matrix."""
+    approximation HF calls gelu_new; wi_0 and wi_1 are fused into one (2 d_ff, d_model) matrix. "gated-silu":
+    wo(silu(wi_0 x) * wi_1 x) (SwiGLU, Shazeer 2020), Llama's gate_proj | up_proj and down_proj."""
 
     def __init__(self, cfg: ROT5Config):
         super().__init__()
-        self.gated = cfg.ffn == "gated-gelu"
+        self.gated, self.silu = cfg.ffn != "relu", cfg.ffn == "gated-silu"
         self.wi = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -406,7 +423,7 @@ class FFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
             gate, lin = self.wi(x).chunk(2, dim=-1)
-            h = F.gelu(gate, approximate="tanh") * lin
+            h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * lin
         else:
             h = F.relu(self.wi(x))
         return self.wo(self.dropout(h))
@@ -539,7 +556,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.relative_bias = RelativePositionBias(cfg, bidirectional=True) if cfg.position == "t5" else None
-        self.layers = nn.ModuleList(EncoderBlock(cfg, moe=cfg.n_experts > 0 and i % 2 == 1)
+        self.layers = nn.ModuleList(EncoderBlock(cfg, moe=cfg.moe_layer(i))
                                     for i in range(cfg.n_encoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
@@ -561,7 +578,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.relative_bias = RelativePositionBias(cfg, bidirectional=False) if cfg.position == "t5" else None
-        self.layers = nn.ModuleList(DecoderBlock(cfg, moe=cfg.n_experts > 0 and i % 2 == 1, layer=i)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, moe=cfg.moe_layer(i), layer=i)
                                     for i in range(cfg.n_decoder_layers))
         self.norm, self.dropout = RMSNorm(cfg.d_model, cfg.norm_eps), nn.Dropout(cfg.dropout)
 
@@ -577,7 +594,7 @@ class Decoder(nn.Module):
         """Every layer's cross-attention K/V of the encoder output (B, S, d), keys rotated with their positions
         in their segments and gathered like them (cross_index)."""
         rope = None
-        if self.relative_bias is None:
+        if self.relative_bias is None and self.cfg.cross_rope:
             pos = segment_positions(segment_ids)
             rope = rope_cos_sin(pos if cross_index is None else pos.flatten()[cross_index.clamp(min=0)],
                                 self.cfg.head_dim, self.cfg.rope_theta)
@@ -592,7 +609,8 @@ class Decoder(nn.Module):
         rope = None if bias is not None else rope_cos_sin(segment_positions(segment_ids), self.cfg.head_dim,
                                                           self.cfg.rope_theta)
         return (Attn(segment_mask(segment_ids, segment_ids, True, bias, flex, dtype), rope),
-                Attn(segment_mask(segment_ids, enc_segment_ids, False, None, flex, dtype, cross_index), rope))
+                Attn(segment_mask(segment_ids, enc_segment_ids, False, None, flex, dtype, cross_index),
+                     rope if self.cfg.cross_rope else None))
 
     def decode_masks(self, start: int, T: int, cache: KVCache, dtype: torch.dtype) -> tuple[Attn, Attn]:
         """Cached decoding: T new positions start.. attend the filled ones causally, and the prompts' tokens."""
@@ -603,7 +621,7 @@ class Decoder(nn.Module):
             mask = self.relative_bias(q_pos, k_pos).to(dtype).masked_fill(future, torch.finfo(dtype).min)
             return Attn(mask, None), Attn(cache.cross_mask, None)
         rope = rope_cos_sin(q_pos, self.cfg.head_dim, self.cfg.rope_theta)
-        return Attn(None if T == 1 else ~future, rope), Attn(cache.cross_mask, rope)
+        return Attn(None if T == 1 else ~future, rope), Attn(cache.cross_mask, rope if self.cfg.cross_rope else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,11 +650,14 @@ class ROT5(nn.Module):
     @torch.no_grad()
     def _init_weights(self, m: nn.Module) -> None:
         """Mesh TF / HF T5 init: every std is fan_in**-0.5 except the query, whose extra head_dim**-0.5 is
-        the attention's missing 1/sqrt(head_dim); embeddings N(0, 1) (the tied output is rescaled instead)."""
+        the attention's missing 1/sqrt(head_dim); embeddings N(0, 1) (the tied output is rescaled instead, unless
+        scale_output=False)."""
         cfg = self.cfg
         d, inner, q_std = cfg.d_model, cfg.n_heads * cfg.head_dim, (cfg.d_model * cfg.head_dim) ** -0.5
-        if isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=1.0 if m is self.embed else d ** -0.5)  # else: relative bias table
+        if isinstance(m, nn.Embedding):  # (else: the relative bias table) A tied output without its scale
+            # (scale_output=False) multiplies by the embedding itself: std d**-0.5 keeps those logits O(1) instead
+            unscaled_output = cfg.tie_embeddings and not cfg.scale_output
+            nn.init.normal_(m.weight, std=1.0 if m is self.embed and not unscaled_output else d ** -0.5)
         elif isinstance(m, (EncoderSelfAttention, DecoderSelfAttention)):
             nn.init.normal_(m.qkv.weight, std=d ** -0.5)
             nn.init.normal_(m.qkv.weight[:inner], std=q_std)
@@ -675,7 +696,7 @@ class ROT5(nn.Module):
 
     def lm_logits(self, h: Tensor) -> Tensor:
         if self.lm_head is None:  # v1.0: the scale keeps logits O(1) with N(0, 1) embeddings (Mesh TF)
-            return F.linear(h * self.cfg.d_model ** -0.5, self.embed.weight)
+            return F.linear(h * self.cfg.d_model ** -0.5 if self.cfg.scale_output else h, self.embed.weight)
         return self.lm_head(h)
 
     def router_stats(self, enc_tokens: Tensor, dec_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -735,11 +756,11 @@ class ROT5(nn.Module):
         c = self.cfg
         d, H, Hkv, Dh = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         q_o, kv = 2 * d * H * Dh, 2 * d * Hkv * Dh
-        dense = d * c.d_ff * (3 if c.ffn == "gated-gelu" else 2)
+        dense = d * c.d_ff * (2 if c.ffn == "relu" else 3)
         moe = d * c.n_experts + c.moe_top_k * dense
 
         def ffn_total(n_layers: int) -> int:
-            n_moe = n_layers // 2 if c.n_experts else 0
+            n_moe = sum(map(c.moe_layer, range(n_layers)))
             return n_moe * moe + (n_layers - n_moe) * dense
 
         n_enc = c.n_encoder_layers * (q_o + kv) + ffn_total(c.n_encoder_layers) + c.n_decoder_layers * kv

@@ -33,6 +33,7 @@ Usage:
     python prepare.py tinystories --train TinyStories-train.txt --val TinyStories-valid.txt   # local files
     options: --out-dir DIR (default data/<dataset>), --workers N (default: all cores),
              --tokenizer mistral|gpt2|t5:HUB_ID_OR_DIR (T5's own, to fine-tune an HF T5 / FLAN-T5 with finetune.py)
+                         |hf:HUB_ID_OR_DIR (an HF model's tokenizer.json, to adapt a Llama / Mistral with train.py)
 
   Any corpus (prepare_corpus; then `python train.py --dataset=NAME` reads data/NAME):
     python prepare.py text my_corpus.txt --out-dir data/mine       # one document per line
@@ -60,7 +61,8 @@ Details
   HF_HUB_OFFLINE by itself; nothing here re-implements that.
 - Tokenizer: tokenizer.get_tokenizer (Mistral SentencePiece by default; `--tokenizer gpt2` uses tiktoken,
   which downloads its BPE file once into TIKTOKEN_CACHE_DIR and then works offline; `--tokenizer
-  t5:google/flan-t5-base` is T5's spiece.model, from the hub like the data, or from a local directory). Ids are stored as
+  t5:google/flan-t5-base` is T5's spiece.model, from the hub like the data, or from a local directory; `--tokenizer
+  hf:HuggingFaceTB/SmolLM2-135M` an HF model's tokenizer.json, read with `tokenizers`). Ids are stored as
   uint16, so a vocabulary over 65,536 ids is refused before anything is written.
 - Any corpus is read as a stream too (text and JSON Lines in CHUNK_BYTES reads, Parquet PARQUET_ROWS rows at
   a time, a hub dataset record by record through datasets' streaming mode), so it never has to fit in memory;
@@ -1206,7 +1208,8 @@ def main(argv: list[str] | None = None) -> None:
                                       "the first file's name without extension, or the hub dataset's name)")
     ap.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all cores)")
     ap.add_argument("--tokenizer", default="mistral",
-                    help="mistral (default), gpt2, or t5:HUB_ID_OR_DIR: T5's spiece.model, e.g. t5:google/flan-t5-base")
+                    help="mistral (default), gpt2, t5:HUB_ID_OR_DIR: T5's spiece.model, e.g. t5:google/flan-t5-base, "
+                         "or hf:HUB_ID_OR_DIR: an HF model's tokenizer.json, e.g. hf:HuggingFaceTB/SmolLM2-135M")
     a = ap.parse_args(argv)
     kind = "preset" if a.source in DATASETS else "hf" if a.source.startswith("hf:") else a.source
     if kind not in ("preset", *FORMATS, "hf"):

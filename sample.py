@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.")
     p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt",
-                   help="a train.py / finetune.py checkpoint, an export directory, or an HF T5 (hf:HUB_ID or a directory)")
+                   help="a train.py / finetune.py checkpoint, an export directory, or an HF model (hf:HUB_ID or a directory)")
     p.add_argument("--mode", choices=["continue", "fill", "summarize"],
                    help="default: summarize for a fine-tuned checkpoint, else continue")
     p.add_argument("--denoiser", choices=["R", "X"],
@@ -210,7 +210,7 @@ def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: in
     f32, i64 = 4, 8
     S, T, N, V = prompt_len, new_tokens, rows * beams, cfg.vocab_size
     H, Hkv, Dh, d, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.n_decoder_layers
-    ffn = cfg.d_ff * (4 if cfg.ffn == "gated-gelu" else 2)  # wi's output (gated: both halves), activation, product
+    ffn = cfg.d_ff * (2 if cfg.ffn == "relu" else 4)  # wi's output (gated: both halves), activation, product
     kv_per_position = L * 2 * Hkv * Dh * f32
     kept = rows * S * (d * f32 + kv_per_position)
     kept += N * T * kv_per_position * (2 if beams > 1 else 1)

@@ -10,6 +10,12 @@ Sentinels fill the vocabulary up to a multiple of 128, which keeps the embedding
 tensor-core friendly, with at least MIN_SENTINELS of them: the most spans the UL2 mixture makes is
 round(0.5 * L / 3) for X-denoising (mean span 3, rate 0.5), i.e. 128 spans for a 766-token window.
 
+"hf:SOURCE" is the vocabulary of a Hugging Face model (a hub id such as HuggingFaceTB/SmolLM2-135M, or a
+directory), read from its tokenizer.json with the `tokenizers` library, eos and bos as its tokenizer_config.json
+names them: the layout above with the source's n ids in place of Mistral's 32,000, so that a Llama-family model
+adapted into ROT5 (hf_llama.py) keeps its embedding rows and gains pad, the mode tokens and the sentinels after
+them (SmolLM2: 49,152 + 256 = 49,408 ids). Text is encoded without the source's own bos / eos.
+
 "t5:SOURCE" is T5's own vocabulary, to fine-tune Hugging Face T5 / T5 v1.1 / FLAN-T5 models (checkpoint.py):
 the spiece.model of SOURCE (a hub id such as google/flan-t5-base, a directory that holds it, or the file).
 Its layout is T5's (HF T5Tokenizer), not the one above:
@@ -21,6 +27,7 @@ Its layout is T5's (HF T5Tokenizer), not the one above:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import lru_cache
@@ -45,7 +52,20 @@ class Tokenizer:
             self.model_file = model_file or mistral_model_file()
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
             self.base_vocab_size = self._sp.get_piece_size()
-            self.eos_id = self._sp.eos_id()
+            self.eos_id, self.bos_id = self._sp.eos_id(), self._sp.bos_id()
+        elif name.startswith("hf:"):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            source = name[3:]  # a local one by its absolute path, as t5: names
+            self.name = "hf:" + os.path.abspath(source) if os.path.exists(source) and not model_file else name
+            self.model_file = model_file or hf_tokenizer_file(source)
+            try:
+                self._hf = HFTokenizer.from_file(self.model_file)
+            except Exception as e:  # noqa: BLE001 - not JSON, not a tokenizer: the same fix
+                raise ValueError(f"{self.model_file} is not a tokenizers tokenizer.json ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:120]})") from None
+            self.base_vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values()) + 1
+            self.eos_id, self.bos_id = hf_special_ids(self._hf, self.model_file)
         elif name.startswith("t5:"):
             import sentencepiece as spm
 
@@ -54,7 +74,7 @@ class Tokenizer:
             self.model_file = model_file or t5_model_file(source)
             self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
             self.base_vocab_size = self._sp.get_piece_size()
-            self.eos_id = self._sp.eos_id()
+            self.eos_id, self.bos_id = self._sp.eos_id(), None
             if (self._sp.pad_id(), self.eos_id) != (0, 1):
                 raise ValueError(f"{self.model_file} is not T5's SentencePiece model: T5's has pad 0 and eos 1, "
                                  f"this one pad {self._sp.pad_id()} and eos {self.eos_id}")
@@ -65,9 +85,9 @@ class Tokenizer:
             self._bpe = tiktoken.get_encoding("gpt2")
             self.model_file = "tiktoken:gpt2"
             self.base_vocab_size = self._bpe.n_vocab
-            self.eos_id = self._bpe.eot_token
+            self.eos_id, self.bos_id = self._bpe.eot_token, None
         else:
-            raise ValueError(f"unknown tokenizer {name!r}: use 'mistral', 'gpt2' or 't5:HUB_ID_OR_DIR'")
+            raise ValueError(f"unknown tokenizer {name!r}: use 'mistral', 'gpt2', 't5:HUB_ID_OR_DIR' or 'hf:HUB_ID_OR_DIR'")
         n = self.base_vocab_size
         if name.startswith("t5:"):
             self.pad_id, self.mode_ids = 0, {}
@@ -129,12 +149,16 @@ class Tokenizer:
     def _encode_continuation(self, text: str) -> list[int]:
         if self.name == "gpt2":
             return self._bpe.encode_ordinary(text)
+        if self.name.startswith("hf:"):  # as t5: a new text (its leading space is kept, so no word-start is added)
+            return self._encode_batch([text])[0]
         if self.name.startswith("t5:"):  # as HF T5Tokenizer (legacy): text after a sentinel is a new text
             return self._sp.encode(text)
         # SentencePiece prefixes every text with a word-start space; encode after a newline and cut it off.
         return self._sp.encode("\n" + text)[2:]
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.name.startswith("hf:"):
+            return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
         if self.name != "gpt2":
             return self._sp.encode(texts)
         return self._bpe.encode_ordinary_batch(texts)
@@ -162,9 +186,13 @@ class Tokenizer:
     def _decode_run(self, ids: list[int], first: bool) -> str:
         if self.name == "gpt2":
             return self._bpe.decode(ids)
-        text = self._sp.decode(ids)
-        # SentencePiece drops the word-start space of a run's first piece; keep it after a special token.
-        if not first and self._sp.id_to_piece(ids[0]).startswith("\u2581"):
+        if self.name.startswith("hf:"):  # (the source's own special tokens, bos or unk, are not text)
+            text, piece = self._hf.decode(ids, skip_special_tokens=True), self._hf.id_to_token(ids[0]) or ""
+        else:
+            text, piece = self._sp.decode(ids), self._sp.id_to_piece(ids[0])
+        # SentencePiece (and a tokenizer.json converted from one) drops the word-start space of a run's first
+        # piece; keep it after a special token.
+        if not first and piece.startswith("\u2581"):
             text = " " + text
         return text
 
@@ -201,6 +229,50 @@ def t5_model_file(source: str) -> str:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"could not download spiece.model of {source!r} from the Hugging Face hub "
                          f"({type(e).__name__}: {first}); offline, use a local directory that holds it") from None
+
+
+def hf_tokenizer_file(source: str) -> str:
+    """The tokenizer.json of an HF model: `source` itself, in the directory `source`, or of the hub model `source`
+    (downloaded with huggingface_hub into its cache, with the tokenizer_config.json beside it)."""
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        path = os.path.join(source, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{source} has no tokenizer.json (a `tokenizers` fast tokenizer): save the model's "
+                             "tokenizer there with AutoTokenizer.from_pretrained(...).save_pretrained(DIR)")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id=source, filename="tokenizer.json")
+        hf_hub_download(repo_id=source, filename="tokenizer_config.json")
+        return path
+    except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"could not download tokenizer.json of {source!r} from the Hugging Face hub "
+                         f"({type(e).__name__}: {first}); offline, use a local directory that holds it") from None
+
+
+def hf_special_ids(tok, tokenizer_json: str) -> tuple[int, int | None]:
+    """(eos id, bos id or None) of a tokenizer.json, as the tokenizer_config.json beside it names them (HF's
+    save_pretrained writes both; tokenizer.json itself does not say which of its special tokens ends a text)."""
+    path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: it names the tokenizer's eos (and bos) token; save the tokenizer with "
+                         "AutoTokenizer.from_pretrained(...).save_pretrained(DIR), which writes both files")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    ids = []
+    for key in ("eos_token", "bos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token  # older files: an AddedToken dict
+        ids.append(None if token is None else tok.token_to_id(token))
+        if token is not None and ids[-1] is None:
+            raise ValueError(f"{path} names {key} {token!r}, which is not in {tokenizer_json}: not the same tokenizer")
+    if ids[0] is None:
+        raise ValueError(f"{path} names no eos_token: ROT5 ends every text with one; set it there")
+    return ids[0], ids[1]
 
 
 @lru_cache(maxsize=None)

@@ -20,6 +20,10 @@ Usage
     # --save_interval=N also saves every N steps between evaluations
     python train.py --chinchilla=1.37e9      # Chinchilla-optimal model size for a budget of D tokens
     python train.py config/sample_cpu.py --help   # every key, its value (here: after the config) and what it does
+    # start from other weights (grow.py): a ROT5 checkpoint or export (continued training: a fresh optimizer and
+    # schedule, this run's data), a dense one upcycled into MoE, or an HF model; model keys come from the source
+    python train.py config/sample_cpu.py --init_from=out/sample_cpu/ckpt.pt --n_experts=4 --moe_top_k=2 --out_dir=out/moe
+    python train.py --dataset=smol --init_from=hf:HuggingFaceTB/SmolLM2-135M   # Llama-family, adapted (T5Gemma)
 
 Config: the defaults below, then config files, then --key=value (configurator.py: type-checked, unknown
 keys are errors). The model keys are ROT5Config's fields (model.py) with its defaults: T5-Base.
@@ -92,13 +96,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import grow
 import preempt
 import prepare
 import ul2
 from batch import Batch, check_batch
 from checkpoint import (RunLock, check_start, checkpoint_exists, log_event, new_model, random_states, remove_run_temps,
                         restart_log, resume_run, save_checkpoint)
-from configurator import check_ranges, configure, documented_keys, help_text, wants_help
+from configurator import check_ranges, configure, documented_keys, given_keys, help_text, wants_help
 from diskio import check_out_dir
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
 from plot import Tracker, check_trackers
@@ -132,6 +137,11 @@ save_interval = 0         # steps between checkpoints besides the evaluations' (
 eval_docs = 500           # that subset: the first eval_docs validation documents (the seed: 500)
 eval_batch_size = 32      # documents per eval forward; the subset's corruption is drawn per eval batch,
                           # so keep it equal across the variants you compare
+# model: where its weights start (the model's own keys are ROT5Config's, below)
+init_from = ""            # "": random | a ROT5 checkpoint or export | hf:HUB_ID or a directory (T5, Llama / Mistral,
+                          # Switch): unset model keys come from it; set ones must agree (grow.py)
+cross_init = "self"       # init_from a Llama / Mistral: cross-attention copied from self-attention ("self", T5Gemma)
+                          # or that with its output zeroed ("zero": the decoder starts as the source model)
 # system
 out_dir = "out/pretrain"  # the run's directory: ckpt.pt, metrics.jsonl, curves.png
 resume = False            # continue from out_dir/ckpt.pt (automatic after a torchrun --max-restarts restart)
@@ -155,7 +165,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100"
               ("RTX 3090", 71e12), ("RTX 4090", 165e12))
 # what makes a run that run: resuming with any of these changed warns that it will not match an uninterrupted one
 RUN_KEYS = ("dataset", "mixture", "encoder_len", "decoder_len", "pack", "epochs", "max_tokens", "batch_size",
-            "learning_rate", "warmup_frac", "seed", "dtype")
+            "learning_rate", "warmup_frac", "seed", "dtype", "init_from", "cross_init")
 EVAL_SEED = 0             # the eval subset's corruption: fixed, whatever the run's seed
 ADAM_EPS = 1e-8           # HF Trainer's default
 
@@ -188,10 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seed={config['seed']} must be in [0, 2**31)")
     check_data_settings(config)
     check_trackers(config)
-    try:
-        model_cfg = ROT5Config(**{k: config[k] for k in model_defaults})
-    except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
-        raise SystemExit(str(e)) from None
+    if config["cross_init"] not in grow.CROSS_INITS:
+        raise SystemExit(f"--cross_init={config['cross_init']!r}: use {' or '.join(map(repr, grow.CROSS_INITS))}")
+    source = grow.load_source(config["init_from"], config["cross_init"]) if config["init_from"] else None
+    model_cfg = run_model_config(config, source, given_keys(argv))
 
     # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT after its rendezvous).
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                 lock.claim(config["out_dir"], make=False)
             if world > 1:
                 init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
-            return train(config, model_cfg, rank, world, device, stop, lock)
+            return train(config, model_cfg, rank, world, device, stop, lock, source)
         finally:
             lock.release()
             if world > 1 and dist.is_initialized():
@@ -221,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device, stop: preempt.Stop,
-          lock: RunLock) -> dict:
+          lock: RunLock, source=None) -> dict:
+    """source: (model, tokenizer, checkpoint dict) of init_from (grow.load_source), or None: random weights."""
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
@@ -249,6 +260,14 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if not tok.mode_ids:  # T5's own vocabulary (tokenizer.py)
         raise SystemExit(f"{data_dir} was tokenized with T5's {tok.name!r}, which has no UL2 mode tokens: pre-train on "
                          "data prepared with --tokenizer mistral or gpt2 (T5's is for fine-tuning HF T5 models)")
+    if source is not None:  # the source's ids must mean what the data's do
+        try:
+            prepare.check_tokenizer(data_dir, source[1])
+        except ValueError:
+            raise SystemExit(f"{data_dir} was tokenized with {meta['tokenizer']!r} ({meta['vocab_size']:,} ids) but "
+                             f"{cfg.init_from} uses {source[1].name!r} ({source[1].vocab_size:,} ids): run `python "
+                             f"prepare.py {meta['dataset']} --tokenizer {source[1].name} --out-dir DIR` and pass DIR's "
+                             "name as --dataset") from None
     wanted = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id}
     wrong = {k: v for k, v in wanted.items() if getattr(model_cfg, k) != v}
     if wrong:
@@ -280,6 +299,8 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # -- model and optimizer ----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = new_model(model_cfg, device)
+    if source is not None:  # (an upcycled model's routers keep the seeded init above)
+        grow.init_weights(raw_model, source[0])
     # (one graph per step: the model reads no value back to the host, except the Switch FFN's expert counts)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     # MoE: an expert that no token of a micro-batch picked gets no gradient; DDP must be told to expect that.
@@ -332,6 +353,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
         return {**run(val_batches.eval_batches(n_docs)), "continuation_loss": run(cont)["val_loss"]}
 
     c, n_opt, _ = chinchilla(budget)
+    if source is not None:
+        kind, step = source[2]["kind"], source[2].get("step")
+        upcycled = model_cfg.n_experts and not source[0].cfg.n_experts
+        say(f"init_from {cfg.init_from} ({kind}{'' if step is None else f', step {step}'})"
+            + (f": upcycled to {model_cfg.n_experts} experts, top-{model_cfg.moe_top_k}" if upcycled else ""))
     say(f"model: {raw_model.num_params() / 1e6:.1f}M parameters ({raw_model.num_params(exclude_embeddings=True) / 1e6:.1f}M "
         f"without the embedding) | Chinchilla (Hoffmann et al. 2022) for D = {budget:.3g} tokens: C = {c:.3g} FLOPs, "
         f"N_opt = {n_opt / 1e6:.3g}M parameters")
@@ -448,6 +474,26 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if master:
         tracker.close()
     return {**last_eval, "max_steps": max_steps}
+
+
+def run_model_config(config: dict, source, given: set[str]) -> ROT5Config:
+    """The run's model: its model keys, or with init_from its source's (grow.init_config checks the keys set)."""
+    model_keys = asdict(ROT5Config()).keys()
+    if source is None:
+        if "cross_init" in given:
+            raise SystemExit("--cross_init says how to adapt a Llama / Mistral --init_from; there is none here")
+        try:
+            return ROT5Config(**{k: config[k] for k in model_keys})
+        except ValueError as e:  # e.g. n_kv_heads does not divide n_heads
+            raise SystemExit(str(e)) from None
+    model, tok, ckpt = source
+    if not tok.mode_ids:  # T5's own vocabulary
+        raise SystemExit(f"{config['init_from']} uses T5's vocabulary ({tok.name!r}), which has no UL2 mode tokens: "
+                         f"train.py pre-trains with UL2; fine-tune it with finetune.py --init_from={config['init_from']}")
+    if "cross_init" in given and ckpt["kind"] != "hf-llama":
+        raise SystemExit(f"--cross_init says how to adapt a Llama / Mistral model; {config['init_from']} is not one "
+                         f"(a {ckpt['kind']} checkpoint)")
+    return grow.init_config(model.cfg, config, given & model_keys, config["init_from"], ckpt["kind"] == "hf-llama")
 
 
 def config_help(argv: list[str]) -> str:

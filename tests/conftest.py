@@ -127,3 +127,54 @@ def save_hf_t5(path, spiece: str, ffn: str = "relu", seed: int = 0, **config) ->
 def hf_t5_dirs(t5_spiece, tmp_path_factory) -> dict[str, str]:
     """{"relu": v1.0 directory, "gated-gelu": v1.1 directory}, each a save_pretrained T5 with its spiece.model."""
     return {ffn: save_hf_t5(tmp_path_factory.mktemp(f"hf_t5_{ffn}"), t5_spiece, ffn) for ffn in ("relu", "gated-gelu")}
+
+
+# -- Hugging Face tokenizer.json and Llama / Mistral stand-ins (offline) -------------------------------------
+
+HF_STANDIN_VOCAB = 1000   # a real model's tokenizer.json has 32,000-49,152; a small one trains in a second
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """Stand-ins for a Hugging Face model's tokenizer.json, trained with the `tokenizers` library on the first 1,500
+    bundled real stories and saved by transformers' save_pretrained (tokenizer.json + tokenizer_config.json):
+    "metaspace" as Llama / Mistral's (SentencePiece BPE, <unk> <s> </s>), "byte-level" as SmolLM2's (one
+    <|endoftext|> that is both bos and eos). {kind: directory}."""
+    import transformers
+    from tokenizers.implementations import ByteLevelBPETokenizer, SentencePieceBPETokenizer
+
+    with open(STORIES, encoding="utf-8") as f:
+        stories = [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()][:1500]
+    dirs = {}
+    for kind, trainer, specials, bos, eos in (
+            ("metaspace", SentencePieceBPETokenizer(), ["<unk>", "<s>", "</s>"], "<s>", "</s>"),
+            ("byte-level", ByteLevelBPETokenizer(), ["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>")):
+        trainer.train_from_iterator(stories, vocab_size=HF_STANDIN_VOCAB, special_tokens=specials, show_progress=False)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, bos_token=bos, eos_token=eos)
+        dirs[kind] = str(tmp_path_factory.mktemp(f"tokenizer_{kind}"))
+        fast.save_pretrained(dirs[kind])
+    return dirs
+
+
+def save_hf_llama(path, tokenizer_dir: str, kind: str = "llama", seed: int = 0, **config) -> str:
+    """A tiny random HF LlamaForCausalLM (or MistralForCausalLM) for a stand-in tokenizer, saved with save_pretrained
+    into `path` beside its tokenizer.json. Returns the directory."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer("hf:" + tokenizer_dir)
+    torch.manual_seed(seed)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[kind]
+    cfg = cls(**{**dict(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, tie_word_embeddings=kind == "llama"),
+                 **config})
+    model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM}[kind](cfg)
+    model.save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(str(path), name))
+    return str(path)
