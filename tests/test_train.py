@@ -656,3 +656,15 @@ def test_checkpoint_load_errors(tmp_path):
     checkpoint.save_checkpoint(path, wrong)
     with pytest.raises(SystemExit, match="the weights do not fit its model_config"):
         checkpoint.load_model(path)
+
+
+def test_a_checkpoint_older_than_a_model_field_loads_as_the_model_it_was(tmp_path):
+    """A model_config saved before attention, scale_output, moe_step and cross_rope existed reads as the model
+    that wrote it (their defaults), so it loads and a run resumes from it without "other model keys"."""
+    good = tiny_checkpoint(5)
+    old = {k: v for k, v in good["model_config"].items() if k not in ("attention", "scale_output", "moe_step", "cross_rope")}
+    assert checkpoint.model_config({"model_config": old}) == good["model_config"]
+    path = str(tmp_path / "old.pt")
+    checkpoint.save_checkpoint(path, dict(good, model_config=old))
+    model, _, _ = checkpoint.load_model(path)
+    assert_same_params(model.state_dict(), good["model"], atol=0.0)
