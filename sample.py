@@ -201,9 +201,10 @@ def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: in
         and the copy of the output layer's weights (V x d_model) the CPU's GEMM packs to compute them;
         sampling: those plus filter_logits' copies (temperature, top-k's (value, index) pairs, the sort's values
         and int64 indices, softmax, cumsum, the masks): 12 N V, counted generously (N is small here);
-        beam search, the larger of: the previous step's logits and log-probabilities with the new logits (3 N V,
-        and the GEMM's packed weights), and the logits, the log-softmax plus the beam scores and topk's (value, int64 index) pairs over the K x V
-        continuations of a prompt, 16 bytes each, for as many prompts at once as topk has threads (measured);
+        beam search, the larger of: the previous step's log-probabilities with the new logits (2 N V, and the
+        GEMM's packed weights), and the logits plus the scored K x V continuations of a prompt (log-softmax plus
+        beam score, and topk's working copies: 12 bytes each, measured) for as many prompts at once as topk has
+        threads;
       and the step's activations (N tokens through one layer); with T5's relative bias and GQA, attend() copies
       K/V to every query head for the masked SDPA: 2 x N x n_heads x T x head_dim per layer.
     The test checks this against the peak RSS generate adds, at several sizes (tests/test_faults.py)."""
@@ -233,7 +234,7 @@ def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: in
     per_sequence = (9 * d + (8 * H + 3 * Hkv) * Dh + ffn + H * S) * f32
     packed = V * d * f32  # the output layer's weights, packed by the CPU GEMM that computes the logits (measured)
     if beams > 1:
-        logits = max(3 * N * V * f32 + packed, 2 * N * V * f32 + 16 * beams * V * min(rows, threads))
+        logits = max(2 * N * V * f32 + packed, 2 * N * V * f32 + 12 * beams * V * min(rows, threads))
     else:
         logits = (12 if sampling else 2) * N * V * f32 + packed
     decoding = logits + N * per_sequence
