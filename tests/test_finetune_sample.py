@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -455,6 +456,24 @@ def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypa
     logs = [[(e["event"], e["step"], e.get("loss"), e.get("val_loss"), e.get("rougeL"))
              for e in read_jsonl(run["dir"] / d / "metrics.jsonl")] for d in ("ft_whole", "ft_resumed", "ft_stopped")]
     assert logs[0] == logs[1] == logs[2]  # the log, too, reads as one run (the config logs every step)
+
+
+def test_finetune_shows_a_progress_bar_and_a_finished_run_says_so(run, monkeypatch, capsys):
+    """A tqdm bar like train.py's (on stderr, its ETA without the evaluations), the log lines above it on stdout;
+    resuming the finished run says so and changes nothing."""
+    monkeypatch.chdir(run["dir"])
+    bars, real_step_bar = [], finetune.step_bar
+    monkeypatch.setattr(finetune, "step_bar", lambda *a, **k: bars.append(real_step_bar(*a, **k)) or bars[-1])
+    argv = finetune_argv("--epochs=4.0", "--eval_interval=2", "--out_dir=ft_bar")
+    finetune.main(argv)
+    out = capsys.readouterr()
+    assert bars[0].n == bars[0].total == 4 and re.search(r"4/4 \[.*(step/s|s/step)", out.err)
+    assert "step 1/4 | loss" in out.out and "eval step 2: val_loss" in out.out and "4/4 [" not in out.out
+    before = open("ft_bar/metrics.jsonl", "rb").read()
+    finetune.main(argv + ["--resume=True"])
+    assert "ft_bar/ckpt.pt already finished its 4 steps: nothing to do; to train further raise epochs" in \
+        capsys.readouterr().out
+    assert open("ft_bar/metrics.jsonl", "rb").read() == before
 
 
 def test_finetune_resume_errors_and_a_step_0_checkpoint(run, monkeypatch):
