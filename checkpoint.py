@@ -62,6 +62,7 @@ import torch
 
 from diskio import (SPACE_ERRNOS, append_line, atomic_write, check_out_dir, first_line, fsync_directory, remove_stale_temps,
                     space_error, write_failed)
+from hf_t5 import load_hf_t5, read_config_json, to_hf_t5
 
 REQUIRED_KEYS = ("kind", "model", "model_config", "tokenizer", "config", "step")
 EXPORT_KEYS = ("kind", "model_config", "tokenizer", "config", "step", "metrics")  # config.json of an export
@@ -186,7 +187,6 @@ def load_model(path: str, device: str | torch.device = "cpu"):
     """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint, an
     export directory, or a Hugging Face T5 model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
     kind "hf-t5", the source and an empty run config)."""
-    from hf_t5 import load_hf_t5
     from model import ROT5, ROT5Config
     from tokenizer import get_tokenizer
 
@@ -239,8 +239,6 @@ def export(ckpt_path: str, out: str, hf: bool = False) -> None:
     check_new_directory(out)  # before the model is read
     model, tok, ckpt = load_model(ckpt_path)
     if hf:
-        from hf_t5 import to_hf_t5
-
         try:
             hf_model = to_hf_t5(model)
         except ValueError as e:
@@ -387,21 +385,6 @@ def write_error(path: str, e: BaseException) -> SystemExit | None:
         return write_failed(path, err, None, None, "nothing was left of it: free some space, then export again")
     return SystemExit(f"could not write {path}: {err.strerror or os.strerror(err.errno or 0)}: nothing was left of it; "
                       "export into a directory you can write")
-
-
-def read_config_json(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
-                         "nor a Hugging Face T5 model (save_pretrained)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path} is not valid JSON ({first_line(e)[:200]}): export or save the model again") from None
-    if not isinstance(config, dict):
-        raise SystemExit(f"{path} is not a model config (a JSON object): export or save the model again")
-    return config
 
 
 def load_export(directory: str) -> dict:

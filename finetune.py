@@ -78,7 +78,7 @@ from checkpoint import (RunLock, check_start, load_model, log_event, random_stat
                         resume_hint, resume_run, save_checkpoint)
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
 from diskio import check_out_dir, human
-from generate import generate, pad_prompts
+from generate import available_memory, generate, generation_bytes, pad_prompts
 from plot import Tracker, check_trackers
 from tokenizer import Tokenizer
 from train import ADAM_EPS, exclude_pause, finished_line, guarded_step, lr_factor, param_groups, resolve_device, step_bar
@@ -392,8 +392,6 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
 def check_eval_memory(model: torch.nn.Module, cfg: dict, n_val: int, device: torch.device) -> None:
     """The evaluation generates summaries of eval_batch_size stories at a time with num_beams beams for up to
     decoder_len tokens: one line, before any training, if that cannot fit (sample.py's estimate and rule)."""
-    from sample import available_memory, generation_bytes  # (sample.py imports this module)
-
     rows = max(1, min(cfg["eval_batch_size"], n_val))
     need = generation_bytes(model.cfg, rows, cfg["encoder_len"], cfg["num_beams"], cfg["decoder_len"])
     free = available_memory(device)

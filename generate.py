@@ -21,6 +21,7 @@ that ended early.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,7 @@ def process_scores(scores: Tensor, seqs: Tensor, c: Controls) -> Tensor:
     processors), beam search passes the log-softmax. For an encoder-decoder HF hands the processors the
     decoder's ids, start token included; so does this, so that the same tokens count. Works in place: the
     step's scores are the caller's own, and a copy of N x V floats per control would add to generation's peak
-    memory (sample.generation_bytes)."""
+    memory (generation_bytes)."""
     if c.repetition_penalty != 1.0:
         repetition_penalty_(scores, seqs, c.repetition_penalty)
     if c.no_repeat_ngram_size > 0:
@@ -218,3 +219,82 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
         drop_sorted = p.cumsum(-1) - p >= top_p  # the more likely tokens before this one already reach top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
+
+
+# -- memory: what generate() allocates, to refuse a generation that cannot fit before it starts ---------------
+
+def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: int, sampling: bool = False,
+                     threads: int = 1, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> int:
+    """Peak bytes generate.generate allocates for `rows` prompts of prompt_len tokens (fp32: 4 bytes a value, ids
+    int64; on a GPU under bf16 autocast the caches take half, so the estimate errs on the safe side). With
+    N = rows x beams sequences decoding at once, V the vocabulary and T = new_tokens:
+    kept through the decoding
+      the encoder output (rows x S x d_model) and every decoder layer's cross-attention K/V of it;
+      the self-attention KV cache, allocated for all T positions up front (n_decoder_layers x 2 x n_kv_heads x
+      head_dim per sequence and position); beam search keeps a spare as large to reorder into (KVCache.reorder);
+      beam search's token tables (running, finished, 2K candidates, their concatenation): ~8K int64 per position;
+    plus the larger of two transients
+      the encoder pass, per layer: its hidden states, q/k/v, attention scores (S x S per head), FFN activations;
+      a decoding step: the step's logits (N x V) and, alive at once with them,
+        greedy: the previous step's logits, still referenced while the next are computed (2 N V in all),
+        and the copy of the output layer's weights (V x d_model) the CPU's GEMM packs to compute them;
+        sampling: those plus filter_logits' copies (temperature, top-k's (value, index) pairs, the sort's values
+        and int64 indices, softmax, cumsum, the masks): 12 N V, counted generously (N is small here);
+        beam search, the larger of: the previous step's log-probabilities with the new logits (2 N V, and the
+        GEMM's packed weights), and the logits plus the scored K x V continuations of a prompt (log-softmax plus
+        beam score, and topk's working copies: 12 bytes each, measured) for as many prompts at once as topk has
+        threads;
+      and the step's activations (N tokens through one layer); with T5's relative bias and GQA, attend() copies
+      K/V to every query head for the masked SDPA: 2 x N x n_heads x T x head_dim per layer;
+      and the controls' temporaries (generate.process_scores works in place on the logits): the repetition
+      penalty's gathered scores and their penalized copies (4 x N x T floats), the no-repeat n-gram mask
+      (N x (V + 1) bools) and its window comparisons (N x T x (n + 8) bytes).
+    The test checks this against the peak RSS generate adds, at several sizes (tests/test_faults.py)."""
+    f32, i64 = 4, 8
+    S, T, N, V = prompt_len, new_tokens, rows * beams, cfg.vocab_size
+    H, Hkv, Dh, d, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.n_decoder_layers
+    ffn = cfg.d_ff * (4 if cfg.ffn == "gated-gelu" else 2)  # wi's output (gated: both halves), activation, product
+    kv_per_position = L * 2 * Hkv * Dh * f32
+    kept = rows * S * (d * f32 + kv_per_position)
+    kept += N * T * kv_per_position * (2 if beams > 1 else 1)
+    kept += rows * T * i64 * (8 * beams if beams > 1 else 1)
+    # The encoder pass, per input token: the larger of a layer's attention (its input and norm, q/k/v, rotated
+    # q and k, output) and its FFN (input, norm, the FFN's activations), and the stacked cross-attention K/V;
+    # the encoder's memory is one layer's at a time. T5's relative bias (H x S x S, once) is a float mask, which
+    # sends SDPA down its math path: scores and their softmax, S per head each, and with GQA attend() copies
+    # K/V to every query head.
+    attention = 2 * d + (3 * H + 3 * Hkv) * Dh
+    bias = 0
+    if cfg.position == "t5":
+        attention += 2 * H * S + (2 * H * Dh if Hkv < H else 0)
+        bias = H * S * S * f32
+    encoder = rows * S * (max(attention, 2 * d + ffn) * f32 + kv_per_position) + bias
+    # A decoding step, per sequence: one layer's activations, counted as alive at once (the allocator keeps the
+    # freed blocks for the next layer's, so they stay in RSS: measured): residual stream, norms and projections
+    # back (9 d_model), self-attention q/k/v, rotated q and k, output ((3 H + 3 Hkv) Dh), cross-attention q,
+    # rotated, regrouped by K/V head, output, reshaped (5 H Dh), the FFN, the cross-attention scores (H S).
+    per_sequence = (9 * d + (8 * H + 3 * Hkv) * Dh + ffn + H * S) * f32
+    packed = V * d * f32  # the output layer's weights, packed by the CPU GEMM that computes the logits (measured)
+    if beams > 1:
+        logits = max(2 * N * V * f32 + packed, 2 * N * V * f32 + 12 * beams * V * min(rows, threads))
+    else:
+        logits = (12 if sampling else 2) * N * V * f32 + packed
+    if repetition_penalty != 1.0:
+        logits += 4 * N * T * f32
+    if no_repeat_ngram_size > 0:
+        logits += N * (V + 1) + N * T * (no_repeat_ngram_size + i64)
+    decoding = logits + N * per_sequence
+    if cfg.position == "t5" and Hkv < H:
+        decoding += 2 * N * H * T * Dh * f32
+    return kept + max(encoder, decoding)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process on device: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

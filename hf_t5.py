@@ -17,6 +17,7 @@ import os
 import torch
 from torch import nn
 
+from diskio import first_line
 from model import ROT5, ROT5Config
 
 
@@ -116,7 +117,6 @@ def hf_t5_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
 def load_hf_t5(source: str):
     """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory,
     its weights through from_hf_t5, its spiece.model as the tokenizer "t5:HUB_ID_OR_DIR". One line on failure."""
-    from checkpoint import first_line, read_config_json
     from tokenizer import get_tokenizer
 
     try:
@@ -164,3 +164,18 @@ def load_hf_t5(source: str):
 def t5_tokenizer_name(source: str) -> str:
     """The tokenizer (tokenizer.py) of the HF T5 `source` ("hf:HUB_ID" or a directory): its spiece.model."""
     return "t5:" + source.removeprefix("hf:")
+
+
+def read_config_json(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
+                         "nor a Hugging Face T5 model (save_pretrained)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({first_line(e)[:200]}): export or save the model again") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path} is not a model config (a JSON object): export or save the model again")
+    return config
