@@ -64,6 +64,8 @@ import torch
 
 from diskio import (SPACE_ERRNOS, append_line, atomic_write, check_out_dir, first_line, fsync_directory, remove_stale_temps,
                     space_error, write_failed)
+from grow import is_hf_source, load_hf
+from hf_t5 import read_config_json, to_hf_t5
 
 REQUIRED_KEYS = ("kind", "model", "model_config", "tokenizer", "config", "step")
 EXPORT_KEYS = ("kind", "model_config", "tokenizer", "config", "step", "metrics")  # config.json of an export
@@ -190,16 +192,16 @@ def _instead(path: str) -> str:
     return "restore it from a copy, or train again"
 
 
-def load_model(path: str, device: str | torch.device = "cpu"):
+def load_model(path: str, device: str | torch.device = "cpu", cross_init: str = "self"):
     """(model in eval mode on device, tokenizer, checkpoint dict) from a train.py / finetune.py checkpoint, an
     export directory, or a Hugging Face model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
-    kind "hf-t5", "hf-llama" or "hf-switch", the source and an empty run config)."""
-    from grow import is_hf_source, load_hf
+    kind "hf-t5", "hf-llama" or "hf-switch", the source and an empty run config). cross_init: how a decoder-only
+    source's cross-attention starts (grow.py)."""
     from model import ROT5, ROT5Config
     from tokenizer import get_tokenizer
 
     if is_hf_source(path):
-        model, tok, kind = load_hf(path)
+        model, tok, kind = load_hf(path, cross_init)
         return model.to(device).eval(), tok, {"kind": kind, "source": path, "config": {}}
     ckpt = load_export(path) if os.path.isdir(path) else load_checkpoint(path)
     known = {f.name for f in dataclasses.fields(ROT5Config)}
@@ -247,8 +249,6 @@ def export(ckpt_path: str, out: str, hf: bool = False) -> None:
     check_new_directory(out)  # before the model is read
     model, tok, ckpt = load_model(ckpt_path)
     if hf:
-        from hf_t5 import to_hf_t5
-
         try:
             hf_model = to_hf_t5(model)
         except ValueError as e:
@@ -399,21 +399,6 @@ def write_error(path: str, e: BaseException) -> SystemExit | None:
         return write_failed(path, err, None, None, "nothing was left of it: free some space, then export again")
     return SystemExit(f"could not write {path}: {err.strerror or os.strerror(err.errno or 0)}: nothing was left of it; "
                       "export into a directory you can write")
-
-
-def read_config_json(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
-                         "nor a Hugging Face model (save_pretrained)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path} is not valid JSON ({first_line(e)[:200]}): export or save the model again") from None
-    if not isinstance(config, dict):
-        raise SystemExit(f"{path} is not a model config (a JSON object): export or save the model again")
-    return config
 
 
 def load_export(directory: str) -> dict:

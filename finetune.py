@@ -78,10 +78,10 @@ from checkpoint import (RunLock, check_start, load_model, log_event, random_stat
                         resume_hint, resume_run, save_checkpoint)
 from configurator import check_ranges, configure, documented_keys, help_text, wants_help
 from diskio import check_out_dir, human
-from generate import generate, pad_prompts
+from generate import available_memory, generate, generation_bytes, pad_prompts
 from plot import Tracker, check_trackers
 from tokenizer import Tokenizer
-from train import ADAM_EPS, guarded_step, lr_factor, param_groups, resolve_device
+from train import ADAM_EPS, exclude_pause, finished_line, guarded_step, lr_factor, param_groups, resolve_device, step_bar
 from ul2 import pack_examples
 
 # -----------------------------------------------------------------------------
@@ -220,6 +220,9 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
     if cfg["resume"]:  # the pair order depends on the seed alone: restoring the state is enough
         start_step, last_eval = resume_run(ckpt_path, "finetune", model, optimizer, cfg, RUN_KEYS, print)
         truncated = last_eval["train_truncated"]
+        if start_step >= steps:  # nothing is written: the finished run stays as it is
+            print(finished_line(ckpt_path, start_step, steps, budget="epochs"))
+            return last_eval
         print(f"resuming {ckpt_path} at step {start_step}")
     restart_log(metrics_path, start_step if cfg["resume"] else None)
     tracker = Tracker(cfg, metrics_path)  # curves.png, W&B, TensorBoard (plot.py)
@@ -236,6 +239,7 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
     t_log = time.perf_counter()
     stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     model.train()
+    bar = step_bar(steps, start_step)  # as train.py's; lines below go above it (bar.write)
     for step in range(start_step, steps + 1):  # step = optimizer updates done so far
         # evaluate the pre-trained model (step 0), every eval_interval updates, and after the last one
         # (unless this step's checkpoint, which a resumed run starts from, holds its evaluation)
@@ -246,11 +250,13 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
             log_event(metrics_path, last_eval)
             tracker.log(last_eval)
             write_predictions(os.path.join(cfg["out_dir"], "predictions.jsonl"), rows)
-            print(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
+            bar.write(f"eval step {step}: val_loss {last_eval['val_loss']:.4f} | ROUGE-L {last_eval['rougeL']:.2f} "
                   f"(lead-1 baseline {last_eval['lead1_rougeL']:.2f}) on {n_val} pairs, "
                   f"{last_eval['val_truncated']} stories cut to encoder_len={cfg['encoder_len']}")
             save(step)
-            t_log += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+            paused = time.perf_counter() - t_eval  # evaluation and saving are not training throughput (nor the ETA)
+            t_log += paused
+            exclude_pause(bar, paused)
         if step == steps:
             break
 
@@ -284,11 +290,12 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
         else:
             bad_in_a_row += 1
             log_event(metrics_path, {"event": "skip", "step": step + 1, "loss": step_loss, "grad_norm": grad_norm})
-            print(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
+            bar.write(f"step {step + 1}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
             if bad_in_a_row >= cfg["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_a_row} non-finite steps in a row (up to step {step + 1}): stopping; "
                                  f"{ckpt_path} holds the last saved state. Lower learning_rate "
                                  "or check the data")
+        bar.update(1)
 
         if ((step + 1) % cfg["log_interval"] == 0 or step + 1 == steps) and since_log["steps"]:
             dt = time.perf_counter() - t_log
@@ -299,7 +306,8 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
                      "dec_real": positions[2] / positions[3]}
             log_event(metrics_path, event)
             tracker.log(event)
-            print(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.write(f"step {step + 1}/{steps} | loss {event['loss']:.4f} | lr {lr:.2e} | {event['tok_per_s']:,.0f} tok/s"
                   f" | real tokens {event['enc_real']:.0%} enc, {event['dec_real']:.0%} dec")
             since_log, t_log, positions = dict.fromkeys(since_log, 0.0), time.perf_counter(), [0, 0, 0, 0]
 
@@ -310,9 +318,11 @@ def run(argv: list[str], stop: preempt.Stop, lock: RunLock) -> dict:
         if stopping or (cfg["save_interval"] and done % cfg["save_interval"] == 0 and not evaluated):
             save(done)
         if stopping:
+            bar.close()
             tracker.close()
             raise stop.stopped(done, f"saved {ckpt_path} at that step", "continue with the same command and --resume=True")
 
+    bar.close()
     tracker.close()
     print(f"done: {steps} steps, {truncated} training stories cut to encoder_len={cfg['encoder_len']}; "
           f"final ROUGE-L {last_eval['rougeL']:.2f} vs lead-1 {last_eval['lead1_rougeL']:.2f}; "
@@ -383,8 +393,6 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, val_pairs: Sequence, n: int
 def check_eval_memory(model: torch.nn.Module, cfg: dict, n_val: int, device: torch.device) -> None:
     """The evaluation generates summaries of eval_batch_size stories at a time with num_beams beams for up to
     decoder_len tokens: one line, before any training, if that cannot fit (sample.py's estimate and rule)."""
-    from sample import available_memory, generation_bytes  # (sample.py imports this module)
-
     rows = max(1, min(cfg["eval_batch_size"], n_val))
     need = generation_bytes(model.cfg, rows, cfg["encoder_len"], cfg["num_beams"], cfg["decoder_len"])
     free = available_memory(device)

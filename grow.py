@@ -1,9 +1,9 @@
 """Grow ROT5 from other checkpoints: the models `init_from` starts from, and sparse upcycling.
 
-    load_source(source)    what train.py --init_from (and, for HF models, checkpoint.load_model) reads: a ROT5
-                           checkpoint or export, or a Hugging Face model ("hf:HUB_ID" or a save_pretrained directory)
-                           by its model_type -- T5 (hf_t5.py), Llama / Mistral adapted into an encoder-decoder
-                           (hf_llama.py, T5Gemma), Switch Transformers (hf_switch.py)
+    load_hf(source)        a Hugging Face model ("hf:HUB_ID" or a save_pretrained directory) as ROT5, by its
+                           model_type -- T5 (hf_t5.py), Llama / Mistral adapted into an encoder-decoder (hf_llama.py,
+                           T5Gemma), Switch Transformers (hf_switch.py); checkpoint.load_model reads every source
+                           train.py --init_from can start from through it
     init_config(...)       the model of a run that starts from a source: every model key the run does not set comes
                            from the source; the keys it sets must agree with the source's where they define what its
                            weights compute (training-time keys aside, and the MoE keys when upcycling a dense source)
@@ -28,6 +28,8 @@ import re
 
 import torch
 
+from diskio import first_line
+from hf_t5 import read_config_json
 from model import ROT5, ROT5Config
 
 # ROT5Config keys that say how a model trains or runs, not what its weights compute: a run may set them freely
@@ -51,19 +53,7 @@ REFUSED = {
 def is_hf_source(path: str) -> bool:
     """A Hugging Face model rather than a ROT5 checkpoint or export: "hf:..." or a directory whose config.json is
     not a ROT5 export's."""
-    from checkpoint import read_config_json
-
     return path.startswith("hf:") or (os.path.isdir(path) and read_config_json(path).get("model_type") != "rot5")
-
-
-def load_source(source: str, cross_init: str = "self"):
-    """(model in eval mode on the CPU, tokenizer, checkpoint dict) of anything a run can start from."""
-    from checkpoint import load_model
-
-    if is_hf_source(source):
-        model, tok, kind = load_hf(source, cross_init)
-        return model.eval(), tok, {"kind": kind, "source": source, "config": {}}
-    return load_model(source)
 
 
 def load_hf(source: str, cross_init: str = "self"):
@@ -89,8 +79,6 @@ def load_hf(source: str, cross_init: str = "self"):
 
 def hf_config(source: str) -> dict:
     """config.json of "hf:HUB_ID" (downloaded with huggingface_hub into its cache) or of a directory."""
-    from checkpoint import first_line, read_config_json
-
     where = source.removeprefix("hf:")  # a hub id or a directory
     if os.path.isdir(where):
         return read_config_json(where)

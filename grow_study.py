@@ -45,6 +45,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # (why: train.py)
 
 import torch
 
+import checkpoint
 import grow
 import prepare
 import train
@@ -225,7 +226,7 @@ def adapted_step0(src: str) -> dict:
     silenced (cross_init="zero": the decoder is the Llama and reads nothing of the input)."""
     out = {}
     for name, cross_init, cross_rope in (("self", "self", False), ("self_rope", "self", True), ("zero", "zero", False)):
-        model, tok, _ = grow.load_source(src, cross_init)
+        model, tok, _ = checkpoint.load_model(src, cross_init=cross_init)
         model.cfg.cross_rope = cross_rope
         bf16 = train.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

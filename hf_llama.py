@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from hf_t5 import read_hf_weights
+from diskio import first_line
 from model import ROT5, ROT5Config
 
 
@@ -142,7 +143,6 @@ def load_hf_llama(source: str, config: dict, cross_init: str = "self"):
     """(ROT5, Tokenizer) of a Hugging Face Llama / Mistral causal LM: "hf:HUB_ID" or a save_pretrained directory
     (config: its config.json), adapted by from_hf_llama, with its tokenizer.json as the tokenizer "hf:HUB_ID_OR_DIR".
     The config is checked before any weight is read. One line on failure."""
-    from checkpoint import first_line
     from tokenizer import get_tokenizer
 
     try:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_t5 import hf_t5_names, read_hf_weights, t5_tokenizer_name
+from diskio import first_line
 from model import ROT5, ROT5Config
 
 
@@ -71,7 +72,6 @@ def hf_switch_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
 def load_hf_switch(source: str, config: dict):
     """(ROT5, Tokenizer) of a Hugging Face Switch Transformer: "hf:HUB_ID" or a save_pretrained directory (config:
     its config.json), its weights through from_hf_switch, T5's spiece.model as the tokenizer "t5:HUB_ID_OR_DIR"."""
-    from checkpoint import first_line
     from tokenizer import get_tokenizer
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diskio import first_line
 from model import ROT5, ROT5Config
 
 
@@ -115,7 +116,6 @@ def load_hf_t5(source: str, config: dict):
     """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory
     (config: its config.json, model_type "t5"), its weights through from_hf_t5, its spiece.model as the tokenizer
     "t5:HUB_ID_OR_DIR". One line on failure."""
-    from checkpoint import first_line
     from tokenizer import get_tokenizer
 
     try:
@@ -143,8 +143,6 @@ def load_hf_t5(source: str, config: dict):
 def read_hf_weights(source: str, read):
     """read() (a from_pretrained or a conversion of HF weights), or one line naming `source` on failure: the HF
     loaders of hf_t5.py, hf_switch.py and hf_llama.py all read their weights through it."""
-    from checkpoint import first_line
-
     try:
         return read()
     except (OSError, ValueError) as e:  # no weights file, a config ROT5 or HF cannot build, ...: their own words
@@ -157,3 +155,18 @@ def read_hf_weights(source: str, read):
 def t5_tokenizer_name(source: str) -> str:
     """The tokenizer (tokenizer.py) of the HF T5 `source` ("hf:HUB_ID" or a directory): its spiece.model."""
     return "t5:" + source.removeprefix("hf:")
+
+
+def read_config_json(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{directory} has no config.json: it is neither a ROT5 export (python checkpoint.py export) "
+                         "nor a Hugging Face model (save_pretrained)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({first_line(e)[:200]}): export or save the model again") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path} is not a model config (a JSON object): export or save the model again")
+    return config

@@ -242,7 +242,7 @@ OPTIONAL_KEYS = {"dataset": str, "tokenizer_sha256": str, "vocab_size": int, "ba
                  "sentinel_ids": list, "instruct": bool, "sources": list, "shard_sha256": dict}
 SPLIT_KEYS = {"documents": int, "tokens": int}
 PAIR_KEYS = {"pairs": int, "story_tokens": int, "summary_tokens": int}
-SOURCE_KEYS = {"split": str, "sha256": str, "start": int, "stop": int}
+SOURCE_KEYS = {"split": str}  # the rest of a source (a file and its sha256, or a hub split) is compared whole
 
 
 def _check_meta(meta: dict, path: str, fix: str) -> None:

@@ -2,7 +2,8 @@
 Generate text with a ROT5 checkpoint (pre-trained or fine-tuned): continue a story, fill gaps, or summarize.
 
 Usage:
-    python sample.py --ckpt out/rot5_mini/ckpt.pt --prompt "Once upon a time, there was a little cherry tree."
+    python sample.py --prompt "Once upon a time, there was a little cherry tree."      # the quick start's model
+    python sample.py --ckpt out/rot5_mini/ckpt.pt --prompt "Once upon a time" --repetition-penalty 1.2
     python sample.py --ckpt out/rot5_mini/ckpt.pt --mode fill \\
         --prompt "One day, a little fish named Fin <extra_id_0> near the shore. He saw a big <extra_id_1>."
     python sample.py --ckpt out/rot5_mini_summary/ckpt.pt --mode summarize --prompt-file stories.txt --num-beams 4
@@ -11,7 +12,8 @@ Usage:
 Modes and the encoder input each one builds (the formats the model was trained on):
     continue   [S] prompt </s>           S-denoising (prefix LM) as ul2.py builds it; the decoder writes what follows
     fill       [R] prompt </s>           the prompt marks gaps with <extra_id_0>, <extra_id_1>, ...; the decoder writes
-               ([X] with --denoiser X)   "<extra_id_0> span <extra_id_1> span ...", which is spliced back into the text
+               ([X] with --denoiser X)   "<extra_id_0> span <extra_id_1> span ...", which is spliced back into the text,
+                                         each inserted span between [[ and ]]
     summarize  [S] Summarize: story </s> the fine-tuning format of finetune.py (summarize_input)
 The default mode is summarize for a fine-tuned checkpoint and continue for a pre-trained one; any mode runs
 on any ROT5 checkpoint (a fine-tuned model asked to fill gaps may have partly forgotten how). --ckpt also takes
@@ -20,7 +22,8 @@ model with T5's own tokenizer (e.g. FLAN-T5 fine-tuned by finetune.py) has no mo
 without [S] / [R] / [X].
 
 Decoding: greedy by default; --do-sample with --temperature / --top-k / --top-p (and --seed); or beam search
-with --num-beams N. Tokens that are never text (pad, mode tokens, and sentinels except in fill mode) are
+with --num-beams N. With any of them, Hugging Face's controls of the same names: --repetition-penalty,
+--no-repeat-ngram-size, --min-new-tokens (generate.process_scores). Tokens that are never text (pad, mode tokens, and sentinels except in fill mode) are
 never generated, so a half-trained model cannot print "<extra_id_12>" into a story. Prompts come from
 --prompt (repeatable; "-" reads stdin) or --prompt-file, one prompt per line, or separated by <|endoftext|>
 lines when the text holds any; they are generated --batch-size at a time.
@@ -42,12 +45,15 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import first_line, load_model
+from configurator import read_config_file
 from diskio import human
 from finetune import summarize_input, until_eos
-from generate import generate, pad_prompts
+from generate import available_memory, generate, generation_bytes, pad_prompts
 from tokenizer import Tokenizer
 from train import resolve_device
 
+QUICK_START_CONFIG = "config/sample_cpu.py"  # the README's first command trains it; --ckpt defaults to its checkpoint
+FILL_MARKS = ("[[", "]]")  # around each span fill mode inserted: plain text, so it survives a pipe or a file
 DEFAULT_ENCODER_LEN = 512  # T5's pre-training input length, for checkpoints whose config does not say
 # Sampling divides the fp32 logits by the temperature: with logits below 3e8 in size (a model's are far
 # smaller) this keeps them under fp32's largest value, 3.4e38; inf there would make every probability NaN.
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     check_args(args)
     prompts = read_prompts(args)
     device = resolve_device(args.device)
+    if args.ckpt == quick_start_ckpt() and not os.path.exists(args.ckpt):
+        raise SystemExit(f"error: no --ckpt given, and the quick start's checkpoint {args.ckpt} does not exist: train "
+                         f"it with `python train.py {QUICK_START_CONFIG}`, or pass --ckpt PATH")
     try:
         model, tok, ckpt = load_model(args.ckpt, device)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:  # one line, no traceback
@@ -87,7 +96,9 @@ def main(argv: list[str] | None = None) -> list[str]:
             generated = generate(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
                                  num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_id,
-                                 suppress_tokens=tok.non_text_ids(mode != "fill"))
+                                 suppress_tokens=tok.non_text_ids(mode != "fill"),
+                                 repetition_penalty=args.repetition_penalty,
+                                 no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -105,26 +116,53 @@ def main(argv: list[str] | None = None) -> list[str]:
 # -----------------------------------------------------------------------------
 # command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except options whose default means "not given" (None, or a flag)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def quick_start_ckpt() -> str:
+    """The checkpoint the README's quick start writes: out_dir of its config, read from the file so they agree."""
+    config = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), QUICK_START_CONFIG))
+    return os.path.join(config["out_dir"], "ckpt.pt")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.")
-    p.add_argument("--ckpt", default="out/rot5_mini/ckpt.pt",
-                   help="a train.py / finetune.py checkpoint, an export directory, or an HF model (hf:HUB_ID or a directory)")
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate with a ROT5 checkpoint: continue, fill gaps, or summarize.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default=quick_start_ckpt(),
+                   help="a train.py / finetune.py checkpoint, an export directory, or an HF model (hf:HUB_ID or a "
+                        f"directory); the default is what `python train.py {QUICK_START_CONFIG}` writes")
     p.add_argument("--mode", choices=["continue", "fill", "summarize"],
-                   help="default: summarize for a fine-tuned checkpoint, else continue")
+                   help="continue a story, fill its <extra_id_N> gaps, or summarize it (default: summarize for a "
+                        "fine-tuned checkpoint, else continue)")
     p.add_argument("--denoiser", choices=["R", "X"],
                    help="fill mode's mode token: R (default; short gaps, T5 span corruption) or X (long gaps / many of them)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); '-' reads prompts from stdin")
     p.add_argument("--prompt-file", help="prompts, one per line or separated by <|endoftext|> lines")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens generated per prompt (eos included)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search with this many beams")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--temperature", type=float, help="sampling temperature: < 1 sharper, > 1 flatter (default 1.0)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= p (nucleus)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already generated less likely (HF's repetition_penalty; 1.2 is CTRL's "
+                        "suggestion); 1: off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="n > 0: no n-gram of generated tokens occurs twice (HF's no_repeat_ngram_size; 3 is common); 0: off")
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="no eos before this many tokens are generated (HF's min_new_tokens)")
+    p.add_argument("--seed", type=int, default=1337, help="the random seed of --do-sample")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -150,6 +188,14 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("max_new_tokens", "num_beams", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not 0 < args.repetition_penalty < math.inf:
+        raise SystemExit(f"error: --repetition-penalty must be a finite number > 0 (got {args.repetition_penalty}): "
+                         "> 1 discourages repeats, 1 is off")
+    if args.no_repeat_ngram_size < 0:
+        raise SystemExit(f"error: --no-repeat-ngram-size must be >= 0 (got {args.no_repeat_ngram_size}); 0 is off")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise SystemExit(f"error: --min-new-tokens must be in [0, --max-new-tokens={args.max_new_tokens}] (got "
+                         f"{args.min_new_tokens}): raise --max-new-tokens or lower it")
     if args.temperature is None:
         args.temperature = 1.0
 
@@ -161,7 +207,8 @@ def check_budget(args: argparse.Namespace, model, device: torch.device, rows: in
     threads = torch.get_num_threads() if device.type == "cpu" else 1  # CPU topk works on this many prompts at once
 
     def need(tokens: int, beams: int) -> int:
-        return generation_bytes(model.cfg, rows, prompt_len, beams, tokens, args.do_sample, threads)
+        return generation_bytes(model.cfg, rows, prompt_len, beams, tokens, args.do_sample, threads,
+                                args.repetition_penalty, args.no_repeat_ngram_size)
 
     if need(args.max_new_tokens, args.num_beams) <= free:
         return
@@ -182,75 +229,6 @@ def largest(fits, above: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-def generation_bytes(cfg, rows: int, prompt_len: int, beams: int, new_tokens: int, sampling: bool = False,
-                     threads: int = 1) -> int:
-    """Peak bytes generate.generate allocates for `rows` prompts of prompt_len tokens (fp32: 4 bytes a value, ids
-    int64; on a GPU under bf16 autocast the caches take half, so the estimate errs on the safe side). With
-    N = rows x beams sequences decoding at once, V the vocabulary and T = new_tokens:
-    kept through the decoding
-      the encoder output (rows x S x d_model) and every decoder layer's cross-attention K/V of it;
-      the self-attention KV cache, allocated for all T positions up front (n_decoder_layers x 2 x n_kv_heads x
-      head_dim per sequence and position); beam search keeps a spare as large to reorder into (KVCache.reorder);
-      beam search's token tables (running, finished, 2K candidates, their concatenation): ~8K int64 per position;
-    plus the larger of two transients
-      the encoder pass, per layer: its hidden states, q/k/v, attention scores (S x S per head), FFN activations;
-      a decoding step: the step's logits (N x V) and, alive at once with them,
-        greedy: the previous step's logits, still referenced while the next are computed (2 N V in all),
-        and the copy of the output layer's weights (V x d_model) the CPU's GEMM packs to compute them;
-        sampling: those plus filter_logits' copies (temperature, top-k's (value, index) pairs, the sort's values
-        and int64 indices, softmax, cumsum, the masks): 12 N V, counted generously (N is small here);
-        beam search, the larger of: the previous step's logits and log-probabilities with the new logits (3 N V,
-        and the GEMM's packed weights), and the logits, the log-softmax plus the beam scores and topk's (value, int64 index) pairs over the K x V
-        continuations of a prompt, 16 bytes each, for as many prompts at once as topk has threads (measured);
-      and the step's activations (N tokens through one layer); with T5's relative bias and GQA, attend() copies
-      K/V to every query head for the masked SDPA: 2 x N x n_heads x T x head_dim per layer.
-    The test checks this against the peak RSS generate adds, at several sizes (tests/test_faults.py)."""
-    f32, i64 = 4, 8
-    S, T, N, V = prompt_len, new_tokens, rows * beams, cfg.vocab_size
-    H, Hkv, Dh, d, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.n_decoder_layers
-    ffn = cfg.d_ff * (2 if cfg.ffn == "relu" else 4)  # wi's output (gated: both halves), activation, product
-    kv_per_position = L * 2 * Hkv * Dh * f32
-    kept = rows * S * (d * f32 + kv_per_position)
-    kept += N * T * kv_per_position * (2 if beams > 1 else 1)
-    kept += rows * T * i64 * (8 * beams if beams > 1 else 1)
-    # The encoder pass, per input token: the larger of a layer's attention (its input and norm, q/k/v, rotated
-    # q and k, output) and its FFN (input, norm, the FFN's activations), and the stacked cross-attention K/V;
-    # the encoder's memory is one layer's at a time. T5's relative bias (H x S x S, once) is a float mask, which
-    # sends SDPA down its math path: scores and their softmax, S per head each, and with GQA attend() copies
-    # K/V to every query head.
-    attention = 2 * d + (3 * H + 3 * Hkv) * Dh
-    bias = 0
-    if cfg.position == "t5":
-        attention += 2 * H * S + (2 * H * Dh if Hkv < H else 0)
-        bias = H * S * S * f32
-    encoder = rows * S * (max(attention, 2 * d + ffn) * f32 + kv_per_position) + bias
-    # A decoding step, per sequence: one layer's activations, counted as alive at once (the allocator keeps the
-    # freed blocks for the next layer's, so they stay in RSS: measured): residual stream, norms and projections
-    # back (9 d_model), self-attention q/k/v, rotated q and k, output ((3 H + 3 Hkv) Dh), cross-attention q,
-    # rotated, regrouped by K/V head, output, reshaped (5 H Dh), the FFN, the cross-attention scores (H S).
-    per_sequence = (9 * d + (8 * H + 3 * Hkv) * Dh + ffn + H * S) * f32
-    packed = V * d * f32  # the output layer's weights, packed by the CPU GEMM that computes the logits (measured)
-    if beams > 1:
-        logits = max(3 * N * V * f32 + packed, 2 * N * V * f32 + 16 * beams * V * min(rows, threads))
-    else:
-        logits = (12 if sampling else 2) * N * V * f32 + packed
-    decoding = logits + N * per_sequence
-    if cfg.position == "t5" and Hkv < H:
-        decoding += 2 * N * H * T * Dh * f32
-    return kept + max(encoder, decoding)
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for this process on device: the GPU's free memory, or the machine's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -311,18 +289,37 @@ def build_input(mode: str, prompt: str, k: int, tok: Tokenizer, encoder_len: int
 
 def render(mode: str, inputs: list[int], generated: list[int], tok: Tokenizer) -> str:
     body = inputs[len(tok.mode_prefix("S")):-1]  # the prompt: drop the mode token (if any) and eos
-    if mode == "continue":  # the prompt, then what the decoder wrote after it
+    if mode == "continue":  # the prompt, then what the decoder wrote after it, decoded as one text
         return tok.decode(body + generated)
     if mode == "fill":
-        return tok.decode(fill_gaps(body, generated, tok))
+        return marked_fill(body, generated, tok)
     return tok.decode(generated)
 
 
-def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer) -> list[int]:
+def marked_fill(body: list[int], generated: list[int], tok: Tokenizer) -> str:
+    """The filled text (fill_gaps) with each inserted span between FILL_MARKS: "her [[ball]] in the park". The
+    text is decoded whole, as without marks, and the marks go at the character offsets of the spans' ends: the
+    decoding of the ids before a point is the start of the whole decoding (a word-start space belongs to the
+    text outside the marks). A gap the model left out stays visible as its sentinel, unmarked."""
+    ids, inserted = fill_gaps(body, generated, tok, with_spans=True)
+    text = tok.decode(ids)
+    cuts = sorted({offset for a, b in inserted for offset in (a, b)})
+    at = {k: len(os.path.commonprefix([text, tok.decode(ids[:k])])) for k in cuts}  # (common prefix: a character
+    out, prev = [], 0                                                             # split across pieces stays whole)
+    for a, b in inserted:
+        start, end = at[a], at[b]
+        start += len(text[start:end]) - len(text[start:end].lstrip(" "))
+        out += [text[prev:start], FILL_MARKS[0], text[start:end], FILL_MARKS[1]]
+        prev = end
+    return "".join(out + [text[prev:]])
+
+
+def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer, with_spans: bool = False):
     """Splice "<extra_id_0> span0 <extra_id_1> span1 ..." into the body's gaps (the inverse of span corruption,
     T5 sec. 3.1.4). On a well-formed answer this is ul2.reconstruct (the tests check they agree); unlike it, a
     malformed answer is no error: a gap the model left out stays visible as its sentinel, extra spans are
-    dropped, so a half-trained model's answer still prints."""
+    dropped, so a half-trained model's answer still prints. with_spans: also return where each inserted span
+    lies in the result, as (start, end) index pairs."""
     sentinels = set(tok.sentinel_ids)
     spans: dict[int, list[int]] = {}
     current: int | None = None
@@ -333,9 +330,12 @@ def fill_gaps(body: list[int], generated: list[int], tok: Tokenizer) -> list[int
         elif current is not None:
             spans[current].append(i)
     out: list[int] = []
+    inserted: list[tuple[int, int]] = []
     for i in body:
+        if i in spans:
+            inserted.append((len(out), len(out) + len(spans[i])))
         out += spans.get(i, [i]) if i in sentinels else [i]
-    return out
+    return (out, inserted) if with_spans else out
 
 
 if __name__ == "__main__":

@@ -101,8 +101,8 @@ import preempt
 import prepare
 import ul2
 from batch import Batch, check_batch
-from checkpoint import (RunLock, check_start, checkpoint_exists, log_event, new_model, random_states, remove_run_temps,
-                        restart_log, resume_run, save_checkpoint)
+from checkpoint import (RunLock, check_start, checkpoint_exists, load_model, log_event, new_model, random_states,
+                        remove_run_temps, restart_log, resume_run, save_checkpoint)
 from configurator import check_ranges, configure, documented_keys, given_keys, help_text, wants_help
 from diskio import check_out_dir
 from model import ROT5, ROT5Config, RelativePositionBias, SwitchFFN
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_trackers(config)
     if config["cross_init"] not in grow.CROSS_INITS:
         raise SystemExit(f"--cross_init={config['cross_init']!r}: use {' or '.join(map(repr, grow.CROSS_INITS))}")
-    source = grow.load_source(config["init_from"], config["cross_init"]) if config["init_from"] else None
+    source = load_model(config["init_from"], cross_init=config["cross_init"]) if config["init_from"] else None
     model_cfg = run_model_config(config, source, given_keys(argv))
 
     # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT after its rendezvous).
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: torch.device, stop: preempt.Stop,
           lock: RunLock, source=None) -> dict:
-    """source: (model, tokenizer, checkpoint dict) of init_from (grow.load_source), or None: random weights."""
+    """source: (model, tokenizer, checkpoint dict) of init_from (checkpoint.load_model), or None: random weights."""
     cfg = SimpleNamespace(**config)  # cfg.batch_size reads better than config["batch_size"]
     ddp, master = world > 1, rank == 0
     say = tqdm.write if master else (lambda *args: None)
@@ -324,6 +324,12 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     if resuming[0]:
         start_step, last_eval = resume_run(ckpt_path, "pretrain", raw_model, optimizer, config, RUN_KEYS, say, master)
         tokens_seen, saved_step = last_eval["tokens"], start_step
+        if start_step >= max_steps:  # nothing is written: the finished run stays as it is
+            say(finished_line(ckpt_path, start_step, max_steps))
+            return {**last_eval, "max_steps": max_steps}
+        if last_eval.get("max_steps", max_steps) != max_steps:
+            say(schedule_change_line(last_eval["max_steps"], max_steps, warmup_steps, start_step,
+                                     optimizer.param_groups[0]["lr"], cfg.learning_rate))
     if master:
         lock.claim(cfg.out_dir)  # (makes out_dir)
         remove_run_temps(cfg.out_dir, say)
@@ -343,7 +349,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
             save_checkpoint(ckpt_path, {
                 "kind": "pretrain", "model": raw_model.state_dict(), "model_config": asdict(model_cfg),
                 "tokenizer": tok.name, "config": config, "step": step, "optimizer": optimizer.state_dict(),
-                "rng": random_states(), "metrics": {**last_eval, "tokens": tokens_seen}})
+                "rng": random_states(), "metrics": {**last_eval, "tokens": tokens_seen, "max_steps": max_steps}})
 
     def evaluate(n_docs: int | None) -> dict:
         def run(batches) -> dict:
@@ -374,7 +380,7 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
     # -- the loop ---------------------------------------------------------------------------------------
     stop.defer()  # from here on a signal stops the run after its current step, with a checkpoint at that step
     train_model.train()
-    bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    bar = step_bar(max_steps, start_step, disable=not master)
     n_moe = sum(isinstance(m, SwitchFFN) for m in raw_model.modules())
     interval = Interval(n_moe, model_cfg.n_experts)   # sums since the last "train" event
     bad_in_a_row = 0
@@ -458,7 +464,9 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 last_eval = {**last_eval, **{f"full_{k}": v for k, v in full.items() if k not in ("step", "tokens", "docs")}}
                 say(f"final: {eval_line(full)} on the full validation split ({len(val_docs):,} documents)")
             save(done)
-            interval.t0 += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+            paused = time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+            interval.t0 += paused
+            exclude_pause(bar, paused)
 
         # a signal (on any rank) or save_interval: a checkpoint at this step, unless the evaluation wrote it
         stopping = done < max_steps and stop.requested(signalled)
@@ -542,6 +550,42 @@ def check_data_settings(config: dict) -> None:
     if short:
         raise SystemExit(f"{', '.join(short)}: encoder_len and decoder_len must be at least {ul2.MIN_LEN} (the mode token, "
                          "sentinels, spans and eos of a UL2 example must fit)")
+
+
+def step_bar(total: int, initial: int, disable: bool = False) -> tqdm:
+    """The progress bar of train.py and finetune.py: optimizer steps, their rate and the time left."""
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=disable)
+
+
+def exclude_pause(bar: tqdm, seconds: float) -> None:
+    """Leave a pause (an evaluation, a checkpoint) out of the bar's rate and ETA, so that both come from the
+    steps alone: shift its clocks (start and last print) past it. tqdm's unpause() restarts them from the last
+    print instead, which would also drop the time of the steps made since that print."""
+    if not bar.disable:  # (a disabled bar has no clocks)
+        bar.start_t += seconds
+        bar.last_print_t += seconds
+
+
+def finished_line(ckpt_path: str, step: int, max_steps: int, budget: str = "epochs or max_tokens") -> str:
+    """What resuming a run that has done its budget says (instead of an empty progress bar); budget: the keys
+    that set it."""
+    done = f"already finished its {max_steps:,} steps" if step == max_steps else \
+        f"is at step {step:,}, past this budget's {max_steps:,} steps"
+    return (f"{ckpt_path} {done}: nothing to do; to train further raise {budget} with --resume=True "
+            "(the learning-rate schedule is then recomputed for the larger budget)")
+
+
+def schedule_change_line(old_steps: int, max_steps: int, warmup_steps: int, step: int, lr_now: float,
+                         peak_lr: float) -> str:
+    """What a resume with another budget does to the learning rate: lr_factor is a function of max_steps, so the
+    schedule is recomputed for the new budget; say where the rate goes from the one the run stopped at."""
+    lr_next = peak_lr * lr_factor(step, max_steps, warmup_steps)
+    path = (f"warms up again to {peak_lr:.2e} by step {warmup_steps:,}, then decays" if step < warmup_steps else
+            "decays from there")
+    return (f"warning: the budget changed from {old_steps:,} to {max_steps:,} steps: the learning-rate schedule (warm-up "
+            f"{warmup_steps:,} steps, linear decay) is recomputed for {max_steps:,} steps, so at step {step:,} the rate "
+            f"goes from {lr_now:.2e} (where the run stopped) to {lr_next:.2e} and {path} linearly to 0 at step "
+            f"{max_steps:,}")
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int) -> float:

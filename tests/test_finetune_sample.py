@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,11 @@ def test_sample_fill_and_summarize(run, capsys):
     (["--prompt", "x", "--denoiser", "X"], "--denoiser picks the mode token of --mode fill"),
     (["--prompt", "x", "--device", "gpu0"], "device 'gpu0' is not a device name"),
     (["--prompt", "x", "--device", "xpu"], "device 'xpu': ROT5 runs on cpu or cuda"),  # parses, not supported
+    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0 (got 0.0)"),
+    (["--prompt", "x", "--repetition-penalty", "inf"], "--repetition-penalty must be a finite number > 0"),
+    (["--prompt", "x", "--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0 (got -1)"),
+    (["--prompt", "x", "--min-new-tokens", "-2"], "--min-new-tokens must be in [0, --max-new-tokens=128]"),
+    (["--prompt", "x", "--min-new-tokens", "9", "--max-new-tokens", "8"], "raise --max-new-tokens or lower it"),
 ])
 def test_sample_errors_are_one_line(run, argv, message):
     argv = [(" ".join(real_stories(3)) if a == "LONG" else a) for a in argv]
@@ -263,6 +269,69 @@ def test_sample_never_generates_non_text_tokens(run, capsys, monkeypatch):
     assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values(), *tok.sentinel_ids}
     sample_main(["--ckpt", run["pre"], "--mode", "fill", "--max-new-tokens", "4", "--prompt", "Lily <extra_id_0>."], capsys)
     assert set(seen["suppress"]) == {tok.pad_id, *tok.mode_ids.values()}
+
+
+def test_sample_passes_the_generation_controls(run, capsys, monkeypatch):
+    """--repetition-penalty, --no-repeat-ngram-size and --min-new-tokens reach generate (whose controls equal
+    HF's: tests/test_hf_parity.py) and act: no token twice with --no-repeat-ngram-size 1, no eos before 6."""
+    tok, seen, generate = get_tokenizer(), {}, sample.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.update(kwargs, out=generate(*args, **kwargs))
+        return seen["out"]
+
+    monkeypatch.setattr(sample, "generate", recording_generate)
+    args = ["--ckpt", run["pre"], "--max-new-tokens", "8", "--prompt", real_stories(1)[0][:60]]
+    sample_main(args + ["--repetition-penalty", "1.3", "--no-repeat-ngram-size", "1", "--min-new-tokens", "6"], capsys)
+    assert (seen["repetition_penalty"], seen["no_repeat_ngram_size"], seen["min_new_tokens"]) == (1.3, 1, 6)
+    ids = seen["out"][0].tolist()
+    assert len(set(ids)) == len(ids) and tok.eos_id not in ids[:6]
+    sample_main(args, capsys)  # off by default, HF's defaults
+    assert (seen["repetition_penalty"], seen["no_repeat_ngram_size"], seen["min_new_tokens"]) == (1.0, 0, 0)
+
+
+def test_fill_mode_marks_what_it_inserted():
+    """Each inserted span between [[ and ]], word-start spaces outside; without the marks, the plain filled text;
+    a gap the model left out stays its sentinel, unmarked."""
+    tok = get_tokenizer()
+    body = tok.encode("One day, a little girl named Lily found a <extra_id_0> in her <extra_id_1>. She <extra_id_2>",
+                      allow_sentinels=True)
+    answer = tok.encode("<extra_id_0> shiny needle<extra_id_1> room<extra_id_2> smiled.", allow_sentinels=True)
+    marked = sample.marked_fill(body, answer, tok)
+    assert marked == "One day, a little girl named Lily found a [[shiny needle]] in her [[room]]. She [[smiled.]]"
+    assert marked.replace("[[", "").replace("]]", "") == tok.decode(sample.fill_gaps(body, answer, tok))
+    answer = tok.encode("<extra_id_0> needle<extra_id_2> smiled.", allow_sentinels=True)
+    assert sample.marked_fill(body, answer, tok) == \
+        "One day, a little girl named Lily found a [[needle]] in her<extra_id_1>. She [[smiled.]]"
+    filled = sample.render("fill", tok.mode_prefix("R") + body + [tok.eos_id], answer + [tok.eos_id], tok)
+    assert filled == sample.marked_fill(body, answer, tok)
+
+
+def test_continue_joins_prompt_and_continuation_as_one_text():
+    """The continuation is decoded with the prompt, as one text: its first word keeps its space, a word the prompt
+    ends inside is completed without one, and no character is added at the join. (A continuation that starts with
+    "." -- "Max.." -- is the model's first token: a small model's first step predicts the most frequent token,
+    ".", whatever the prompt; see README, sample.py.)"""
+    tok = get_tokenizer()
+    for text, cut in [("Once upon a time, there was a little dog named Max. He liked to run.", "Max."),  # "▁He"
+                      ("Once upon a time, there was a little dog named Max.\nHe liked to run.", "Max."),  # "<0x0A>"
+                      ("Once upon a time, there was a little dog named Bingley. He liked to run.", "Bing")]:  # "ley"
+        prompt = text[:text.index(cut) + len(cut)]
+        ids = tok.encode(text)
+        k = len(tok.encode(prompt))
+        assert ids[:k] == tok.encode(prompt)  # the prompt's tokens start the text's: a split the model can write
+        inputs = tok.mode_prefix("S") + ids[:k] + [tok.eos_id]
+        assert sample.render("continue", inputs, ids[k:] + [tok.eos_id], tok) == text
+
+
+def test_sample_ckpt_defaults_to_the_quick_start_checkpoint(tmp_path, monkeypatch):
+    assert sample.quick_start_ckpt() == os.path.join("out", "sample_cpu", "ckpt.pt")  # config/sample_cpu.py's out_dir
+    assert sample.parse_args(["--prompt", "x"]).ckpt == sample.quick_start_ckpt()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", "Once upon a time"])
+    message = str(e.value.code)
+    assert "\n" not in message and "python train.py config/sample_cpu.py" in message and "--ckpt PATH" in message
 
 
 def test_sample_reads_prompts_that_are_not_utf8(run, capsys, monkeypatch, tmp_path):
@@ -387,6 +456,24 @@ def test_finetune_resume_equals_uninterrupted_and_never_overwrites(run, monkeypa
     logs = [[(e["event"], e["step"], e.get("loss"), e.get("val_loss"), e.get("rougeL"))
              for e in read_jsonl(run["dir"] / d / "metrics.jsonl")] for d in ("ft_whole", "ft_resumed", "ft_stopped")]
     assert logs[0] == logs[1] == logs[2]  # the log, too, reads as one run (the config logs every step)
+
+
+def test_finetune_shows_a_progress_bar_and_a_finished_run_says_so(run, monkeypatch, capsys):
+    """A tqdm bar like train.py's (on stderr, its ETA without the evaluations), the log lines above it on stdout;
+    resuming the finished run says so and changes nothing."""
+    monkeypatch.chdir(run["dir"])
+    bars, real_step_bar = [], finetune.step_bar
+    monkeypatch.setattr(finetune, "step_bar", lambda *a, **k: bars.append(real_step_bar(*a, **k)) or bars[-1])
+    argv = finetune_argv("--epochs=4.0", "--eval_interval=2", "--out_dir=ft_bar")
+    finetune.main(argv)
+    out = capsys.readouterr()
+    assert bars[0].n == bars[0].total == 4 and re.search(r"4/4 \[.*(step/s|s/step)", out.err)
+    assert "step 1/4 | loss" in out.out and "eval step 2: val_loss" in out.out and "4/4 [" not in out.out
+    before = open("ft_bar/metrics.jsonl", "rb").read()
+    finetune.main(argv + ["--resume=True"])
+    assert "ft_bar/ckpt.pt already finished its 4 steps: nothing to do; to train further raise epochs" in \
+        capsys.readouterr().out
+    assert open("ft_bar/metrics.jsonl", "rb").read() == before
 
 
 def test_finetune_resume_errors_and_a_step_0_checkpoint(run, monkeypatch):

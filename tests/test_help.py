@@ -1,4 +1,4 @@
-"""--help of train.py and finetune.py: every key with its value and a line, grouped, read off the defaults'
+"""--help of train.py, finetune.py and sample.py: every key with its value and a line, grouped, read off the defaults'
 own source (so it cannot drift from them); --chinchilla anywhere on the command line."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import finetune  # noqa: E402
 import model  # noqa: E402
+import sample  # noqa: E402
 import train  # noqa: E402
 from configurator import GROUPS, _shown, configure, documented_keys  # noqa: E402
 
@@ -66,3 +67,18 @@ def test_chinchilla_anywhere(capsys, argv, monkeypatch):
     assert "N_opt = 48.0M parameters" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="usage: python train.py --chinchilla=TOKENS"):
         train.main(argv[:-1] + ["--chinchilla=lots"])
+
+
+def test_sample_help_has_a_line_for_every_option_and_shows_defaults(capsys):
+    parser = sample.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help and len(a.help) > 10 for a in options), [a.dest for a in options if not a.help]
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for a in options:
+        assert a.option_strings[0] in out
+        if a.default not in (None, False):  # "not given" defaults are explained in the line itself
+            assert f"(default: {a.default})" in out, a.dest
+    assert "(default: out/sample_cpu/ckpt.pt)" in out and "(default: None)" not in out

@@ -121,3 +121,61 @@ def test_suppress_tokens_match_hf(pair):
                                 suppress_tokens=banned)[:, 1:], eos)
     assert sum(a == b for a, b in zip(ours, ref)) / len(ref) >= 0.95
     assert not any(set(r) & set(banned) for r in ours)
+
+
+# Generation controls: each one, and all together, against HF generate with the same setting
+CONTROLS = {"repetition_penalty": dict(repetition_penalty=1.3), "repetition_reward": dict(repetition_penalty=0.8),
+            "no_repeat_ngram": dict(no_repeat_ngram_size=2), "min_new_tokens": dict(min_new_tokens=12),
+            "all": dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=12)}
+
+
+@pytest.mark.parametrize("controls", CONTROLS.values(), ids=CONTROLS.keys())
+def test_generation_controls_match_hf(pair, controls):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens give HF's tokens: greedy exactly, beam search
+    on >= 95% of the prompts, sampling exactly (HF draws with torch.multinomial from the global generator, as
+    generate does without a generator: the same seed, the same draws). Each control changes the greedy output
+    of at least 4 of the 20 prompts, so the comparison tests the control and not only the decoding."""
+    hf, model = pair
+    eos = model.cfg.eos_token_id
+    x, am, _ = prompts()
+    ours = generate(model, x, am, max_new_tokens=MAX_NEW, **controls)
+    ref = hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, do_sample=False, **controls)[:, 1:]
+    assert torch.equal(ours, ref)
+    free = generate(model, x, am, max_new_tokens=MAX_NEW)  # (min_new_tokens can change only the 4 that end early)
+    assert sum(a != b for a, b in zip(until_eos(ours, eos), until_eos(free, eos))) >= 4
+
+    beams = until_eos(generate(model, x, am, max_new_tokens=MAX_NEW, num_beams=4, **controls), eos)
+    ref = until_eos(hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, num_beams=4,
+                                **controls)[:, 1:], eos)
+    assert sum(a == b for a, b in zip(beams, ref)) / len(ref) >= 0.95
+
+    sampling = dict(controls, do_sample=True, temperature=0.9, top_k=50)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        drawn = generate(model, x, am, max_new_tokens=MAX_NEW, **sampling)
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, hf.generate(input_ids=x, attention_mask=am, max_new_tokens=MAX_NEW, **sampling)[:, 1:])
+
+    for rows in (until_eos(ours, eos), beams, until_eos(drawn, eos)):  # what each control promises, on every output
+        if controls.get("min_new_tokens"):
+            assert all(eos not in r[:controls["min_new_tokens"]] for r in rows)
+        if controls.get("no_repeat_ngram_size") == 2:
+            assert all(len(set(zip(r, r[1:]))) == len(r) - 1 for r in rows)
+
+
+def test_process_scores_is_hf_logits_processors():
+    """One step's processing on random scores equals HF's processors in HF's order, including the start token
+    (pad) among the tokens seen, and does not depend on whether the scores are logits or log-probs."""
+    from generate import Controls, process_scores
+    lp = transformers.generation.logits_process
+    torch.manual_seed(0)
+    V, eos, pad = 50, 1, 0
+    seqs = torch.cat([torch.full((6, 1), pad), torch.randint(2, 10, (6, 7))], 1)  # few ids: repeats and n-grams
+    suppress = torch.tensor([3, 7])
+    for scores in (torch.randn(6, V) * 3, torch.randn(6, V).log_softmax(-1)):
+        for c in (Controls(eos, 1.5, 2, 9, suppress), Controls(eos, 0.7, 3, 5), Controls(eos, 2.0, 1, 0)):
+            hf = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty),
+                                         lp.NoRepeatNGramLogitsProcessor(c.no_repeat_ngram_size),
+                                         lp.MinNewTokensLengthLogitsProcessor(1, c.min_new_tokens, eos)]
+                                        + ([lp.SuppressTokensLogitsProcessor(suppress)] if c.suppress is not None else []))
+            assert torch.equal(process_scores(scores.clone(), seqs, c), hf(seqs, scores.clone()))

@@ -361,6 +361,72 @@ def test_throughput_excludes_evaluation_time(tmp_path, sample_data, monkeypatch)
     assert event["tok_per_s"] > event["tokens"] / 10.0, event
 
 
+def test_progress_bar_eta_excludes_evaluation_time(tmp_path, sample_data, monkeypatch):
+    """The bar's rate and ETA come from the steps alone: an evaluation between steps is left out of both. One
+    fake clock for train.py and tqdm makes this exact: every reading advances it by 1 ms, and the evaluation at
+    step 2 by 1000 s more; without the fix the bar's elapsed time would hold the 1000 s and its rate fall to
+    about 1 step per 500 s."""
+    import tqdm.std
+    clock, evaluations, bars = {"t": 0.0}, [], []
+    real_validation_loss, real_step_bar = train.validation_loss, train.step_bar
+
+    def now() -> float:
+        clock["t"] += 0.001
+        return clock["t"]
+
+    def slow_validation_loss(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 3:  # two calls per evaluation (UL2, continuation): call 3 starts step 2's
+            clock["t"] += 1000.0
+        return real_validation_loss(*args, **kwargs)
+
+    def recorded_step_bar(*args, **kwargs):
+        bars.append(real_step_bar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(train.time, "perf_counter", now)
+    monkeypatch.setattr(tqdm.std, "time", now)  # the clock a tqdm bar reads, taken when it is made
+    monkeypatch.setattr(train, "validation_loss", slow_validation_loss)
+    monkeypatch.setattr(train, "step_bar", recorded_step_bar)
+    train.main(TINY + [steps_arg(sample_data, 4, 4), "--batch_size=4", "--micro_batch_size=4", "--eval_interval=2",
+                       "--eval_docs=4", f"--out_dir={tmp_path / 'eta'}"])
+    state = bars[0].format_dict
+    assert state["n"] == 4 and state["elapsed"] < 100, state
+    assert state["rate"] is None or state["rate"] > 0.1, state
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, sample_data, straight, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    result = train.main(six_steps(sample_data) + [f"--out_dir={run}", "--resume=True"])
+    out = capsys.readouterr()
+    line = f"{run / 'ckpt.pt'} already finished its 6 steps: nothing to do; to train further raise epochs or max_tokens"
+    assert line in out.out and "resuming at step" not in out.out and "6/6 [" not in out.err + out.out
+    assert result["step"] == 6 and result["max_steps"] == 6
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_extending_a_run_states_what_happens_to_the_learning_rate(tmp_path, sample_data, straight, capsys):
+    """More epochs at resume: the schedule is recomputed for the new budget, and the warning gives the rate the
+    run stopped at, the one it goes on with (logged at the next step), and the warm-up it goes through again."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    args = [a for a in six_steps(sample_data) if not a.startswith("--epochs=")]
+    capsys.readouterr()
+    train.main(args + [steps_arg(sample_data, 80, 4), f"--out_dir={run}", "--resume=True", "--eval_interval=100",
+                       "--warmup_frac=0.1"])
+    out = capsys.readouterr().out
+    assert "warning: the budget changed from 6 to 80 steps: the learning-rate schedule (warm-up 8 steps, linear " \
+           "decay) is recomputed for 80 steps, so at step 6 the rate goes from" in out
+    stopped = events(straight, "train")[-1]["lr"]
+    resumed = events(run, "train")[6]  # step 7: lr_factor(6, 80, 8) = 6 / 8
+    assert resumed["step"] == 7 and resumed["lr"] == pytest.approx(3e-3 * 6 / 8)
+    assert f"goes from {stopped:.2e} (where the run stopped) to {resumed['lr']:.2e} and warms up again to 3.00e-03 " \
+           "by step 8, then decays linearly to 0 at step 80" in out
+
+
 def test_validation_loss_per_mode(sample_data):
     """val_loss_R/X/S, from one forward per packed batch, are the losses of each mode's examples run apart, one
     example per row and one forward per mode: their token-weighted mean is val_loss."""
