@@ -197,7 +197,7 @@ def load_model(path: str, device: str | torch.device = "cpu", cross_init: str = 
     export directory, or a Hugging Face model ("hf:HUB_ID" or a save_pretrained directory; its dict holds
     kind "hf-t5", "hf-llama" or "hf-switch", the source and an empty run config). cross_init: how a decoder-only
     source's cross-attention starts (grow.py)."""
-    from model import ROT5, ROT5Config
+    from model import ROT5Config
     from tokenizer import get_tokenizer
 
     if is_hf_source(path):

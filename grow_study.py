@@ -46,7 +46,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # (why: train.py)
 import torch
 
 import checkpoint
-import grow
 import prepare
 import train
 from ablation import cpu_name, paired, t_quantile

@@ -12,6 +12,9 @@ wi_0|wi_1 into one matrix each, HF keeps them apart; HF keeps one relative-bias 
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from torch import nn
 

@@ -27,7 +27,7 @@ import train  # noqa: E402
 import ul2  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from batch import shift_right  # noqa: E402
-from model import ROT5, ROT5Config  # noqa: E402
+from model import ROT5  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 TINY_MODEL = ["--d_model=64", "--n_heads=4", "--head_dim=16", "--n_kv_heads=2", "--d_ff=128",
