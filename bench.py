@@ -133,7 +133,7 @@ class Row(NamedTuple):
     rot5: str              # ROT5's number, formatted
     ref: str               # the reference's number (HF transformers, raw SentencePiece, dense), or ""
     ratio: float | None    # ROT5 speed / reference speed
-    target: float | None   # the issue's target for the ratio (CPU, fp32, full shapes only)
+    target: float | None   # the target for the ratio (CPU, fp32, full shapes only)
 
     def status(self) -> str:
         if self.ratio is None or self.target is None:
@@ -663,7 +663,7 @@ def peak_flops(args, device: torch.device) -> float | None:
 
 
 def target(args, key: str) -> float | None:
-    """The issue's targets are for the CPU in fp32 with eager modules (the full shapes, not --quick)."""
+    """The targets are for the CPU in fp32 with eager modules (the full shapes, not --quick)."""
     on_cpu = args.device == "cpu" and args.dtype == "float32" and not args.compile and not args.quick
     return TARGETS.get(key) if on_cpu else None
 

@@ -742,7 +742,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype a `dtype` setting names: float32, or bfloat16 (autocast: matmuls in bf16, weights,
     optimizer and reductions in fp32). "auto" is bfloat16 where it is the faster choice: a CUDA GPU with bf16,
     or a CPU with AMX (amx_bf16: Sapphire Rapids and later, where bf16 autocast measured 1.2x on a whole
-    training step, issue #15); fp32 elsewhere, including CPUs with only AVX-512-BF16, where it was not
+    training step, BENCHMARKS.md); fp32 elsewhere, including CPUs with only AVX-512-BF16, where it was not
     measured, and AVX2 CPUs, where bf16 is emulated and slower (set "bfloat16" to try it anyway)."""
     if name not in DTYPES:
         raise SystemExit(f"--dtype={name!r} is not a dtype: use {', '.join(DTYPES)}")

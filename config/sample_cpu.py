@@ -2,7 +2,7 @@
 # budget (prepare + train + sample) on the bundled sample (python prepare.py sample: 7,204 real TinyStories to
 # train on, the 966 genuine V1 validation stories to validate on). 11.5M parameters, 8.3M of them the
 # 32,256 x 256 embedding; shorter windows than T5's 512 / 256 for speed.
-# Tuned for the continuation loss on the validation stories (issue #15; the runs are in BENCHMARKS.md): at a
+# Tuned for the continuation loss on the validation stories (the runs are in BENCHMARKS.md, "The quick start"): at a
 # fixed 10 minutes more tokens through this shallow model beat a deeper one (4 + 4 layers costs 1.6x per
 # token, and ~1M tokens are far too few for even this body); T5 v1.1's gated-GELU FFN (0.18 better than ReLU
 # at the same parameters and speed); batch 4 (twice the updates for the same tokens: 0.17 better than 8);
