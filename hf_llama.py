@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_t5 import read_hf_weights
+from hf_t5 import read_hf_model, read_hf_weights
 from diskio import first_line
 from model import ROT5, ROT5Config
 
@@ -157,10 +157,5 @@ def load_hf_llama(source: str, config: dict, cross_init: str = "self"):
         tok = get_tokenizer("hf:" + where)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    hf, info = read_hf_weights(source, lambda: model_class.from_pretrained(where, config=hf_config,
-                                                                          output_loading_info=True))
-    model = read_hf_weights(source, lambda: from_hf_llama(hf, tok, cross_init))
-    if info["missing_keys"]:  # transformers would fill them with random weights
-        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a causal LM (e.g. "
-                         f"{sorted(info['missing_keys'])[0]}): it is not a whole {model_class.__name__}")
-    return model, tok
+    hf = read_hf_model(source, model_class, "a causal LM", config=hf_config)
+    return read_hf_weights(source, lambda: from_hf_llama(hf, tok, cross_init)), tok

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_t5 import hf_t5_names, read_hf_weights, t5_tokenizer_name
-from diskio import first_line
+from hf_t5 import hf_t5_names, load_t5_family
 from model import ROT5, ROT5Config
 
 
@@ -72,26 +71,8 @@ def hf_switch_names(cfg: ROT5Config) -> dict[str, tuple[str, ...]]:
 def load_hf_switch(source: str, config: dict):
     """(ROT5, Tokenizer) of a Hugging Face Switch Transformer: "hf:HUB_ID" or a save_pretrained directory (config:
     its config.json), its weights through from_hf_switch, T5's spiece.model as the tokenizer "t5:HUB_ID_OR_DIR"."""
-    from tokenizer import get_tokenizer
-
     try:
         from transformers import SwitchTransformersForConditionalGeneration
     except ImportError:
         raise SystemExit(f"{source}: reading Hugging Face models needs transformers: pip install transformers") from None
-    where = source.removeprefix("hf:")
-    try:
-        tok = get_tokenizer(t5_tokenizer_name(source))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    hf, info = read_hf_weights(source, lambda: SwitchTransformersForConditionalGeneration.from_pretrained(
-        where, output_loading_info=True))
-    model = read_hf_weights(source, lambda: from_hf_switch(hf))
-    if info["missing_keys"]:  # transformers would fill them with random weights
-        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a Switch Transformer (e.g. "
-                         f"{sorted(info['missing_keys'])[0]}): it is not a whole SwitchTransformersForConditionalGeneration")
-    c = model.cfg
-    if (tok.vocab_size, tok.pad_id, tok.eos_id) != (c.vocab_size, c.pad_token_id, c.eos_token_id):
-        raise SystemExit(f"{source}: its spiece.model gives {tok.vocab_size} ids, pad {tok.pad_id}, eos {tok.eos_id} "
-                         f"but the model has vocab_size={c.vocab_size}, pad {c.pad_token_id}, eos {c.eos_token_id}: "
-                         "it is not this model's tokenizer")
-    return model, tok
+    return load_t5_family(source, SwitchTransformersForConditionalGeneration, from_hf_switch, "a Switch Transformer")

@@ -119,28 +119,42 @@ def load_hf_t5(source: str, config: dict):
     """(ROT5, Tokenizer) of a Hugging Face T5 / T5 v1.1 / FLAN-T5: "hf:HUB_ID" or a save_pretrained directory
     (config: its config.json, model_type "t5"), its weights through from_hf_t5, its spiece.model as the tokenizer
     "t5:HUB_ID_OR_DIR". One line on failure."""
-    from tokenizer import get_tokenizer
-
     try:
         from transformers import T5ForConditionalGeneration
     except ImportError:
         raise SystemExit(f"{source}: reading Hugging Face T5 models needs transformers: pip install transformers") from None
-    where = source.removeprefix("hf:")  # a hub id or a directory
+    return load_t5_family(source, T5ForConditionalGeneration, from_hf_t5, "a T5 encoder-decoder")
+
+
+def load_t5_family(source: str, model_class, convert, what: str):
+    """(ROT5, Tokenizer) of an HF model of T5's family (T5, Switch Transformers): its weights read by
+    model_class, converted by convert, T5's spiece.model as the tokenizer, which must be the model's. One line on
+    failure."""
+    from tokenizer import get_tokenizer
+
     try:
         tok = get_tokenizer(t5_tokenizer_name(source))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{source}: {first_line(e)[:300]}") from None
-    hf, info = read_hf_weights(source, lambda: T5ForConditionalGeneration.from_pretrained(where, output_loading_info=True))
-    model = read_hf_weights(source, lambda: from_hf_t5(hf))
-    if info["missing_keys"]:  # transformers would fill them with random weights
-        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of a T5 encoder-decoder (e.g. "
-                         f"{sorted(info['missing_keys'])[0]}): it is not a whole T5ForConditionalGeneration")
+    hf = read_hf_model(source, model_class, what)
+    model = read_hf_weights(source, lambda: convert(hf))
     c = model.cfg
     if (tok.vocab_size, tok.pad_id, tok.eos_id) != (c.vocab_size, c.pad_token_id, c.eos_token_id):
         raise SystemExit(f"{source}: its spiece.model gives {tok.vocab_size} ids, pad {tok.pad_id}, eos {tok.eos_id} "
                          f"but the model has vocab_size={c.vocab_size}, pad {c.pad_token_id}, eos {c.eos_token_id}: "
                          "it is not this model's tokenizer")
     return model, tok
+
+
+def read_hf_model(source: str, model_class, what: str, **kwargs):
+    """model_class.from_pretrained of "hf:HUB_ID" or a directory, refused with one line when weights of `what` are
+    missing (transformers would fill them with random weights)."""
+    hf, info = read_hf_weights(source, lambda: model_class.from_pretrained(source.removeprefix("hf:"),
+                                                                          output_loading_info=True, **kwargs))
+    if info["missing_keys"]:
+        raise SystemExit(f"{source} lacks {len(info['missing_keys'])} weights of {what} (e.g. "
+                         f"{sorted(info['missing_keys'])[0]}): it is not a whole {model_class.__name__}")
+    return hf
 
 
 def read_hf_weights(source: str, read):

@@ -213,44 +213,38 @@ def mistral_model_file() -> str:
 def t5_model_file(source: str) -> str:
     """T5's spiece.model: `source` itself, in the directory `source`, or of the hub model `source` (downloaded
     with huggingface_hub into its cache; offline, a file already there is used)."""
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        path = os.path.join(source, "spiece.model")
-        if not os.path.isfile(path):
-            raise ValueError(f"{source} has no spiece.model (T5's tokenizer): copy it there from the model's hub "
-                             "repository, or save it with T5Tokenizer.save_pretrained")
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=source, filename="spiece.model")
-    except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"could not download spiece.model of {source!r} from the Hugging Face hub "
-                         f"({type(e).__name__}: {first}); offline, use a local directory that holds it") from None
+    return model_file(source, "spiece.model", "T5's tokenizer",
+                      "copy it there from the model's hub repository, or save it with T5Tokenizer.save_pretrained")
 
 
 def hf_tokenizer_file(source: str) -> str:
     """The tokenizer.json of an HF model: `source` itself, in the directory `source`, or of the hub model `source`
     (downloaded with huggingface_hub into its cache, with the tokenizer_config.json beside it)."""
+    return model_file(source, "tokenizer.json", "a `tokenizers` fast tokenizer",
+                      "save the model's tokenizer there with AutoTokenizer.from_pretrained(...).save_pretrained(DIR)",
+                      also=("tokenizer_config.json",))
+
+
+def model_file(source: str, name: str, what: str, fix: str, also: tuple[str, ...] = ()) -> str:
+    """The file `name` of a model: `source` itself, `name` in the directory `source` (or one line with `fix`), or
+    downloaded from the hub model `source` with the files `also` beside it. ValueError, one line, on failure."""
     if os.path.isfile(source):
         return source
     if os.path.isdir(source):
-        path = os.path.join(source, "tokenizer.json")
+        path = os.path.join(source, name)
         if not os.path.isfile(path):
-            raise ValueError(f"{source} has no tokenizer.json (a `tokenizers` fast tokenizer): save the model's "
-                             "tokenizer there with AutoTokenizer.from_pretrained(...).save_pretrained(DIR)")
+            raise ValueError(f"{source} has no {name} ({what}): {fix}")
         return path
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(repo_id=source, filename="tokenizer.json")
-        hf_hub_download(repo_id=source, filename="tokenizer_config.json")
+        path = hf_hub_download(repo_id=source, filename=name)
+        for other in also:
+            hf_hub_download(repo_id=source, filename=other)
         return path
     except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one line, the same fix
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"could not download tokenizer.json of {source!r} from the Hugging Face hub "
+        raise ValueError(f"could not download {name} of {source!r} from the Hugging Face hub "
                          f"({type(e).__name__}: {first}); offline, use a local directory that holds it") from None
 
 
