@@ -418,10 +418,11 @@ def train(config: dict, model_cfg: ROT5Config, rank: int, world: int, device: to
                 load += out.expert_load.detach()
         signals = torch.tensor(stop.flags(), dtype=torch.float64)  # a signal on any rank stops all (preempt.py)
         losses, load, work, signals = sum_over_ranks([losses, load, work.to(device), signals.to(device)], ddp)
-        lm, aux, z, *signalled = torch.cat([losses / (accum * world), signals]).tolist()  # the step's one wait for the device
+        # the step's one wait for the device
+        lm, aux, z, tokens, flops, *signalled = torch.cat([losses / (accum * world), work, signals]).tolist()
         step_loss = lm + aux + z
-        interval.tokens, interval.flops = interval.tokens + float(work[0]), interval.flops + float(work[1])
-        tokens_seen += int(work[0])
+        interval.tokens, interval.flops = interval.tokens + tokens, interval.flops + flops
+        tokens_seen += int(tokens)
         # (the loss and the gradients are identical on every rank after the all-reduces: all skip or none)
         grad_norm, updated = guarded_step(raw_model, optimizer, cfg.grad_clip, step_loss)
         if updated:
