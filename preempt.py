@@ -44,12 +44,20 @@ class Stop:
         self.signal = 0           # the first signal received (0: none)
         self.deferred = False     # False: a signal stops the run at once; True: at the end of the step
         self.say = say_on_signal  # write a line when a signal arrives (torchrun: rank 0 only)
+        self.pid = os.getpid()    # the process whose run this is; a forked child inherits the handler, not the run
 
     def defer(self) -> None:
         """From now on a signal only asks the loop to stop after its current step (there is work to save)."""
         self.deferred = True
 
     def handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
+            # A process forked inside the block (prepare.py's Pool workers) has no run to save: it ends as the
+            # signal's default action would. Raising Stopped there instead would unwind a worker that may hold
+            # its pool's queue lock, and Pool.terminate() (SIGTERM to every worker) would then wait forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         first = not self.signal
         self.signal = self.signal or signum
         if not self.deferred:

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -314,6 +316,32 @@ def test_a_second_run_on_a_locked_out_dir_is_refused_and_kill_9_frees_it(tmp_pat
     lock.claim(str(out))
     assert lock.file is not None and f"pid {os.getpid()} on " in open(out / "run.lock").read()
     lock.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child")
+def test_a_child_forked_inside_a_run_dies_of_sigterm(tmp_path):
+    """A process forked inside preempt.handled() (prepare.py's Pool workers, which ablation.py starts inside it)
+    inherits the run's handler but has no run to save: SIGTERM (what Pool.terminate sends) must end it as the
+    default action does, not raise Stopped inside it (a worker unwinding while it holds its pool's queue lock
+    hangs the pool), and the parent's run must not count it as its own signal."""
+    import preempt
+
+    ready = tmp_path / "ready"
+    with preempt.handled() as stop:
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the signal
+            try:
+                ready.touch()
+                time.sleep(60)
+            finally:
+                os._exit(3)  # reached only if the signal was turned into an exception
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+        assert not stop.requested()
 
 
 def test_ablation_says_to_run_the_same_command_again_when_stopped(monkeypatch):
