@@ -171,9 +171,9 @@ def study(argv: list[str] | None = None) -> dict:
     variants, seeds = args.variants, args.seeds
     t_start = time.perf_counter()
     if args.scale == "cpu" and not args.plan:  # the bundled sample: cheap, idempotent ("up to date" when done)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # in one process: under a second, less than starting workers
             for name in ("sample", "sample_instruct"):
-                prepare.prepare(name, out_dir=os.path.join("data", name))
+                prepare.prepare(name, out_dir=os.path.join("data", name), workers=1)
 
     # (seed, name) -> (argv, resolved config); a variant that would not train at matched compute is refused here
     runs = {(seed, v.name): pretrain_args(v, args, overrides, seed) for seed in seeds for v in variants}
@@ -189,7 +189,7 @@ def study(argv: list[str] | None = None) -> dict:
             with contextlib.redirect_stdout(io.StringIO()):
                 try:
                     prepare.prepare(ft_dataset, out_dir=os.path.join("data", flan_dataset),
-                                    tokenizer=t5_tokenizer_name(args.flan))
+                                    tokenizer=t5_tokenizer_name(args.flan), workers=1)
                 except ValueError as e:
                     raise SystemExit(f"--flan={args.flan}: {e}") from None
     for dataset in sorted({config["dataset"] for _, config in runs.values()} | {ft_dataset}):

@@ -52,9 +52,10 @@ class Stop:
 
     def handle(self, signum: int, frame) -> None:
         if os.getpid() != self.pid:
-            # A process forked inside the block (prepare.py's Pool workers) has no run to save: it ends as the
-            # signal's default action would. Raising Stopped there instead would unwind a worker that may hold
-            # its pool's queue lock, and Pool.terminate() (SIGTERM to every worker) would then wait forever.
+            # A process forked inside the block (a library's fork-started worker pool) has no run to save: it ends
+            # as the signal's default action would. Raising Stopped there instead would unwind a worker that may
+            # hold its pool's queue lock, and multiprocessing.Pool.terminate() (SIGTERM to every worker) would then
+            # wait forever.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

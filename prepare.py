@@ -71,8 +71,8 @@ Details
   naming the pip install when missing. Documents longer than train.py's windows are cropped there (ul2.py).
   The token table names the directory; only a TinyStories source is compared with the write-up's counts.
 - Speed: the file is streamed in CHUNK_BYTES blocks cut at record boundaries (never loaded whole); a
-  multiprocessing Pool tokenizes blocks in parallel, each worker building its tokenizer once and encoding a
-  whole block of records in one batched SentencePiece call; the parent only writes results, in file order.
+  pool of worker processes tokenizes blocks in parallel, each worker building its tokenizer once and encoding
+  a whole block of records in one batched SentencePiece call; the parent only writes results, in file order.
   bench.py times tokenize_file(), the same generator prepare() writes to disk from.
 - Re-running with the same sources (sha256) and tokenizer (sha256 of its model file), over shards that still
   pass the readers' checks (their sha256 included), prints "up to date" and touches nothing; a damaged
@@ -94,6 +94,8 @@ import os
 import re
 import shlex
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
@@ -553,13 +555,21 @@ def _encode(docs: list[str], n_bytes: int, skipped: int, bad: int, tok: Tokenize
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_name: str) -> None:
+def _work(chunk: bytes | list, instruct: bool, tokenizer_name: str) -> Chunk:
     global _worker_tok
-    _worker_tok = get_tokenizer(tokenizer_name)  # once per worker process, not once per chunk
+    if _worker_tok is None:  # once per worker process, not once per chunk
+        _worker_tok = get_tokenizer(tokenizer_name)
+    if isinstance(chunk, bytes):
+        return tokenize_chunk(chunk, _worker_tok, instruct)
+    return tokenize_records(chunk, _worker_tok)
 
 
-def _work(chunk: bytes | list, instruct: bool) -> Chunk:
-    return tokenize_chunk(chunk, _worker_tok, instruct) if isinstance(chunk, bytes) else tokenize_records(chunk, _worker_tok)
+def _quiet_worker() -> None:
+    """Ctrl-C reaches the workers too (the terminal signals the whole process group): the parent handles it and
+    shuts them down, so a worker ignores it rather than print a traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:
@@ -570,7 +580,7 @@ def tokenize_file(path: str, tok: Tokenizer, workers: int = 1, instruct: bool = 
                   start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
     """Tokenized Chunks of bytes [start, stop) of a file, in file order. This is what bench.py times:
         n_tokens = sum(len(c.tokens) for c in tokenize_file(path, tok, workers))   # includes one eos per doc
-    workers > 1 tokenizes in a process Pool (tok must come from get_tokenizer: workers rebuild it by name).
+    workers > 1 tokenizes in worker processes (tok must come from get_tokenizer: workers rebuild it by name).
     """
     for _, chunk in tokenize_in_order(((None, c) for c in iter_chunks(path, start, stop)), tok, workers, instruct):
         yield chunk
@@ -584,18 +594,31 @@ def tokenize_in_order(items: Iterator[tuple[object, bytes | list]], tok: Tokeniz
         for tag, c in items:
             yield tag, tokenize_chunk(c, tok, instruct) if isinstance(c, bytes) else tokenize_records(c, tok)
         return
-    with mp.Pool(workers, initializer=_init_worker, initargs=(tok.name,)) as pool:
-        # Pool.imap would read the whole file ahead into its task queue; a bounded window keeps memory
-        # flat and the results in order, while 2 tasks per worker keep every core busy.
-        pending: deque = deque()
+    # The workers start from a fork server (a fresh interpreter), not as forks of this process, which may hold threads
+    # (torch's, a tracker's) and signal handlers (preempt.py's) that a forked copy would inherit mid-operation. A
+    # worker's exception reaches the caller, and a worker that dies (killed for memory) is BrokenProcessPool, where
+    # multiprocessing.Pool waits forever for both (CPython 3.11's pool too can hang if a worker dies while a block
+    # is being sent to it).
+    context = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    context.set_forkserver_preload(["__main__", __name__])  # the server imports this module once, not every worker
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
+    # A bounded window of tasks keeps memory flat and the results in file order (map() would read the whole file
+    # ahead), while 2 tasks per worker keep every core busy.
+    pending: deque = deque()
+    try:
         for tag, c in items:
-            pending.append((tag, pool.apply_async(_work, (c, instruct))))
+            pending.append((tag, pool.submit(_work, c, instruct, tok.name)))
             if len(pending) >= 2 * workers:
                 tag, result = pending.popleft()
-                yield tag, result.get()
+                yield tag, result.result()
         while pending:
             tag, result = pending.popleft()
-            yield tag, result.get()
+            yield tag, result.result()
+    except BrokenProcessPool:
+        raise SystemExit(f"a tokenizing worker process died (its error is above; with none, it was killed, most likely "
+                         f"for lack of memory): run again with --workers 1, or fewer than {workers}") from None
+    finally:  # also when the caller stops early: queued blocks are dropped, not tokenized
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -752,7 +775,9 @@ def resolve_sources(dataset: str, train: str | None, val: str | None) -> tuple[l
 
 def prepare(dataset: str, out_dir: str | None = None, train: str | None = None, val: str | None = None,
             workers: int | None = None, tokenizer: str | Tokenizer = "mistral") -> dict:
-    """Build data/<dataset>/ (see the module docstring); returns its meta. A no-op if it is up to date."""
+    """Build data/<dataset>/ (see the module docstring); returns its meta. A no-op if it is up to date.
+    workers > 1 (the default: all cores) starts worker processes, which import the calling script as Python's
+    multiprocessing does: a script that calls this keeps its own work under `if __name__ == "__main__":`."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     out_dir = out_dir or os.path.join(HERE, "data", dataset)

@@ -320,10 +320,10 @@ def test_a_second_run_on_a_locked_out_dir_is_refused_and_kill_9_frees_it(tmp_pat
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child")
 def test_a_child_forked_inside_a_run_dies_of_sigterm(tmp_path):
-    """A process forked inside preempt.handled() (prepare.py's Pool workers, which ablation.py starts inside it)
-    inherits the run's handler but has no run to save: SIGTERM (what Pool.terminate sends) must end it as the
-    default action does, not raise Stopped inside it (a worker unwinding while it holds its pool's queue lock
-    hangs the pool), and the parent's run must not count it as its own signal."""
+    """A process forked inside preempt.handled() (a library's fork-started worker pool) inherits the run's handler
+    but has no run to save: SIGTERM (what multiprocessing.Pool.terminate sends) must end it as the default action
+    does, not raise Stopped inside it (a worker unwinding while it holds its pool's queue lock hangs the pool), and
+    the parent's run must not count it as its own signal."""
     import preempt
 
     ready = tmp_path / "ready"

@@ -112,6 +112,48 @@ def test_rerun_is_a_noop(sample_dir, capsys):
     assert mtimes() == before
 
 
+def test_a_worker_that_cannot_build_its_tokenizer_is_an_error_not_a_hang():
+    """The workers build the tokenizer by name; when that fails, its error reaches the caller (a worker pool
+    whose initializer raises would restart workers forever while the caller waited)."""
+    chunks = ((None, c) for c in prepare.iter_chunks(STORIES))
+    with pytest.raises(ValueError, match="unknown tokenizer 'no-such-tokenizer'"):
+        list(prepare.tokenize_in_order(chunks, SimpleNamespace(name="no-such-tokenizer"), workers=2))
+
+
+def grandchildren() -> list[int]:
+    """Processes whose parent is a child of this one: the tokenizing workers (children of the fork server)."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            pass
+    children = {p for p, parent in parents.items() if parent == os.getpid()}
+    return [p for p, parent in parents.items() if parent in children]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers in /proc")
+def test_a_killed_worker_is_one_line_not_a_hang(tok):
+    """A worker killed while the pool runs (the kernel's OOM killer) ends the run with one line naming the fix; the
+    caller does not wait forever for the results it would have sent. (Blocks of one story: CPython 3.11's pool
+    can itself hang when a worker dies while a block larger than a pipe's buffer is being sent to it.)"""
+    import signal
+
+    stories = [(r + "\n" + SEP + "\n").encode() for r in records(STORIES)[:400]]
+    results = prepare.tokenize_in_order(((None, c) for c in stories), tok, workers=2)
+    next(results)  # the workers are up and busy
+    workers = grandchildren()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(SystemExit) as e:
+        for _ in results:
+            pass
+    assert "a tokenizing worker process died" in str(e.value) and "--workers 1" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_local_files_and_rebuild_on_change(tmp_path, capsys):
     stories = records(STORIES)[:40]
     train, val, out = tmp_path / "train.txt", tmp_path / "val.txt", str(tmp_path / "out")
