@@ -120,17 +120,19 @@ def test_a_worker_that_cannot_build_its_tokenizer_is_an_error_not_a_hang():
         list(prepare.tokenize_in_order(chunks, SimpleNamespace(name="no-such-tokenizer"), workers=2))
 
 
-def grandchildren() -> list[int]:
-    """Processes whose parent is a child of this one: the tokenizing workers (children of the fork server)."""
-    parents = {}
+def tokenizing_workers() -> list[int]:
+    """The children of this process's multiprocessing fork server: the tokenizing workers."""
+    parents, commands = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                commands[int(pid)] = f.read()
         except (OSError, IndexError, ValueError):  # a process that ended meanwhile
             pass
-    children = {p for p, parent in parents.items() if parent == os.getpid()}
-    return [p for p, parent in parents.items() if parent in children]
+    servers = {p for p, parent in parents.items() if parent == os.getpid() and b"forkserver" in commands.get(p, b"")}
+    return [p for p, parent in parents.items() if parent in servers]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers in /proc")
@@ -143,7 +145,7 @@ def test_a_killed_worker_is_one_line_not_a_hang(tok):
     stories = [(r + "\n" + SEP + "\n").encode() for r in records(STORIES)[:400]]
     results = prepare.tokenize_in_order(((None, c) for c in stories), tok, workers=2)
     next(results)  # the workers are up and busy
-    workers = grandchildren()
+    workers = tokenizing_workers()
     assert len(workers) == 2
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
