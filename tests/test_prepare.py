@@ -138,8 +138,8 @@ def tokenizing_workers() -> list[int]:
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers in /proc")
 def test_a_killed_worker_is_one_line_not_a_hang(tok):
     """A worker killed while the pool runs (the kernel's OOM killer) ends the run with one line naming the fix; the
-    caller does not wait forever for the results it would have sent. (Blocks of one story: CPython 3.11's pool
-    can itself hang when a worker dies while a block larger than a pipe's buffer is being sent to it.)"""
+    caller does not wait forever for the results it would have sent. (Blocks of one story: with 1 MB blocks queued
+    for the killed workers, CPython 3.11's executor hung once here itself, as in python/cpython#94777.)"""
     import signal
 
     stories = [(r + "\n" + SEP + "\n").encode() for r in records(STORIES)[:400]]
