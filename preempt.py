@@ -15,6 +15,9 @@ stops them all after the same step (otherwise one would stop and the others wait
 A second signal does not stop the run harder: Ctrl-C under torchrun reaches every worker twice (from the
 terminal and from torchrun, which forwards it), as SIGTERM does under SLURM. `kill -9` stops it at once, and
 the checkpoints are written so that even that loses nothing but the steps since the last one.
+
+A process forked inside the block (a fork-started worker pool) has no run to save: it starts with the handlers
+from before the block, and a signal sent to it at once is not lost (_before_fork).
 """
 from __future__ import annotations
 
@@ -44,21 +47,12 @@ class Stop:
         self.signal = 0           # the first signal received (0: none)
         self.deferred = False     # False: a signal stops the run at once; True: at the end of the step
         self.say = say_on_signal  # write a line when a signal arrives (torchrun: rank 0 only)
-        self.pid = os.getpid()    # the process whose run this is; a forked child inherits the handler, not the run
 
     def defer(self) -> None:
         """From now on a signal only asks the loop to stop after its current step (there is work to save)."""
         self.deferred = True
 
     def handle(self, signum: int, frame) -> None:
-        if os.getpid() != self.pid:
-            # A process forked inside the block (a library's fork-started worker pool) has no run to save: it ends
-            # as the signal's default action would. Raising Stopped there instead would unwind a worker that may
-            # hold its pool's queue lock, and multiprocessing.Pool.terminate() (SIGTERM to every worker) would then
-            # wait forever.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         first = not self.signal
         self.signal = self.signal or signum
         if not self.deferred:
@@ -102,6 +96,39 @@ def say_now(text: str) -> None:
 
 
 _active: Stop | None = None  # the Stop of the outermost handled() in this process
+_previous: dict = {}           # the handlers it replaced, restored after it (and in a process forked inside it)
+_mask_before_fork: set | None = None
+
+
+def _before_fork() -> None:
+    """A process forked inside handled() has no run to save: it gets the handlers from before the block back
+    (_child_after_fork). Until it has them, SIGNALS must wait: CPython's child clears the signals its handlers
+    caught before it resumed Python code, so a SIGTERM sent at once (multiprocessing.Pool.terminate() to a worker
+    just started) would be lost, and the worker would wait forever for a queue lock that terminate() holds."""
+    global _mask_before_fork
+    if _active is not None:
+        _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+def _parent_after_fork() -> None:
+    global _mask_before_fork
+    if _mask_before_fork is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+        _mask_before_fork = None
+
+
+def _child_after_fork() -> None:
+    global _active, _mask_before_fork
+    if _mask_before_fork is not None:
+        _active = None
+        for s, handler in _previous.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)  # a signal sent meanwhile acts now
+        _mask_before_fork = None
+
+
+if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):  # POSIX
+    os.register_at_fork(before=_before_fork, after_in_parent=_parent_after_fork, after_in_child=_child_after_fork)
 
 
 @contextmanager
@@ -123,11 +150,12 @@ def handled(say_on_signal: bool = True) -> Iterator[Stop]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {s: signal.signal(s, stop.handle) for s in SIGNALS}
+    _previous.update({s: signal.signal(s, stop.handle) for s in SIGNALS})
     _active = stop
     try:
         yield stop
     finally:
         _active = None
-        for s, handler in previous.items():
+        for s, handler in _previous.items():
             signal.signal(s, handler)
+        _previous.clear()

@@ -595,10 +595,10 @@ def tokenize_in_order(items: Iterator[tuple[object, bytes | list]], tok: Tokeniz
             yield tag, tokenize_chunk(c, tok, instruct) if isinstance(c, bytes) else tokenize_records(c, tok)
         return
     # The workers start from a fork server (a fresh interpreter), not as forks of this process, which may hold threads
-    # (torch's, a tracker's) and signal handlers (preempt.py's) that a forked copy would inherit mid-operation. A
-    # worker's exception reaches the caller, and a worker that dies (killed for memory) is BrokenProcessPool, where
-    # multiprocessing.Pool waits forever for both. (Not always: on CPython 3.11 the executor hung once here with both
-    # workers killed while 1 MB blocks were queued for them, as in python/cpython#94777.)
+    # (torch's, a tracker's) whose locks a forked copy would inherit mid-operation. A worker's exception reaches the
+    # caller, and a worker that dies (killed for memory) is BrokenProcessPool, where multiprocessing.Pool waits
+    # forever for both. (Not always: on CPython 3.11 the executor hung once here with both workers killed while
+    # 1 MB blocks were queued for them, as in python/cpython#94777.)
     context = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     context.set_forkserver_preload(["__main__", __name__])  # the server imports this module once, not every worker
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
