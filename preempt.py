@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -97,7 +98,7 @@ def say_now(text: str) -> None:
 
 _active: Stop | None = None  # the Stop of the outermost handled() in this process
 _previous: dict = {}           # the handlers it replaced, restored after it (and in a process forked inside it)
-_mask_before_fork: set | None = None
+_forking = threading.local()   # .mask: the forking thread's signal mask before _before_fork blocked SIGNALS
 
 
 def _before_fork() -> None:
@@ -105,26 +106,25 @@ def _before_fork() -> None:
     (_child_after_fork). Until it has them, SIGNALS must wait: CPython's child clears the signals its handlers
     caught before it resumed Python code, so a SIGTERM sent at once (multiprocessing.Pool.terminate() to a worker
     just started) would be lost, and the worker would wait forever for a queue lock that terminate() holds."""
-    global _mask_before_fork
     if _active is not None:
-        _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 def _parent_after_fork() -> None:
-    global _mask_before_fork
-    if _mask_before_fork is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
-        _mask_before_fork = None
+    mask = getattr(_forking, "mask", None)
+    if mask is not None:
+        _forking.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _child_after_fork() -> None:
-    global _active, _mask_before_fork
-    if _mask_before_fork is not None:
-        _active = None
+    global _active
+    mask = getattr(_forking, "mask", None)
+    if mask is not None:
+        _active, _forking.mask = None, None
         for s, handler in _previous.items():
             signal.signal(s, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)  # a signal sent meanwhile acts now
-        _mask_before_fork = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal sent meanwhile acts now
 
 
 if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):  # POSIX
@@ -144,8 +144,6 @@ def handled(say_on_signal: bool = True) -> Iterator[Stop]:
         finally:  # back in the outer block (between ablation.py's runs) a signal stops at once again
             _active.deferred = deferred
         return
-    import threading
-
     stop = Stop(say_on_signal)
     if threading.current_thread() is not threading.main_thread():
         yield stop
