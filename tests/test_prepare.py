@@ -146,7 +146,7 @@ def test_a_killed_worker_is_one_line_not_a_hang(tok):
     results = prepare.tokenize_in_order(((None, c) for c in stories), tok, workers=2)
     next(results)  # the workers are up and busy
     workers = tokenizing_workers()
-    assert len(workers) == 2
+    assert 1 <= len(workers) <= 2  # (the executor starts workers as tasks arrive)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(SystemExit) as e:
