@@ -93,10 +93,11 @@ import multiprocessing as mp
 import os
 import re
 import shlex
+import signal
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
 
@@ -552,6 +553,11 @@ def _encode(docs: list[str], n_bytes: int, skipped: int, bad: int, tok: Tokenize
     return Chunk(n_bytes, tokens, lengths, skipped, bad, pairs, pairs_skipped)
 
 
+def tokenize_block(block: bytes | list, tok: Tokenizer, instruct: bool) -> Chunk:
+    """A block of tokenize_in_order: bytes of whole records (iter_chunks) or a list of documents (read_corpus)."""
+    return tokenize_chunk(block, tok, instruct) if isinstance(block, bytes) else tokenize_records(block, tok)
+
+
 _worker_tok: Tokenizer | None = None
 
 
@@ -559,16 +565,12 @@ def _work(chunk: bytes | list, instruct: bool, tokenizer_name: str) -> Chunk:
     global _worker_tok
     if _worker_tok is None:  # once per worker process, not once per chunk
         _worker_tok = get_tokenizer(tokenizer_name)
-    if isinstance(chunk, bytes):
-        return tokenize_chunk(chunk, _worker_tok, instruct)
-    return tokenize_records(chunk, _worker_tok)
+    return tokenize_block(chunk, _worker_tok, instruct)
 
 
 def _quiet_worker() -> None:
     """Ctrl-C reaches the workers too (the terminal signals the whole process group): the parent handles it and
     shuts them down, so a worker ignores it rather than print a traceback of its own."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -592,15 +594,18 @@ def tokenize_in_order(items: Iterator[tuple[object, bytes | list]], tok: Tokeniz
     or a list of documents (read_corpus); the tag rides along in this process (the split a block goes to)."""
     if workers <= 1:
         for tag, c in items:
-            yield tag, tokenize_chunk(c, tok, instruct) if isinstance(c, bytes) else tokenize_records(c, tok)
+            yield tag, tokenize_block(c, tok, instruct)
         return
     # The workers start from a fork server (a fresh interpreter), not as forks of this process, which may hold threads
     # (torch's, a tracker's) whose locks a forked copy would inherit mid-operation. A worker's exception reaches the
     # caller, and a worker that dies (killed for memory) is BrokenProcessPool, where multiprocessing.Pool waits
     # forever for both. (Not always: on CPython 3.11 the executor hung once here with both workers killed while
     # 1 MB blocks were queued for them, as in python/cpython#94777.)
-    context = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    context.set_forkserver_preload(["__main__", __name__])  # the server imports this module once, not every worker
+    if "forkserver" in mp.get_all_start_methods():
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])  # the server imports this module once, not each worker
+    else:  # Windows
+        context = mp.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
     # A bounded window of tasks keeps memory flat and the results in file order (map() would read the whole file
     # ahead), while 2 tasks per worker keep every core busy.
